@@ -1,0 +1,1 @@
+"""Converters from PyTorch checkpoints (Hugging Face Mask2Former, torchvision ResNet)."""
