@@ -58,18 +58,16 @@ def load_converted(
     raise FileNotFoundError(f"{config_path} not found: not a converted checkpoint directory")
   with open(config_path) as f:
     doc = json.load(f)
-  config = None if doc["model"] is None else ml_collections.ConfigDict(doc["model"])
-  if config is not None:
-    _restore_tuples(config)
+  config = None if doc["model"] is None else ml_collections.ConfigDict(_tuples(doc["model"]))
   with ocp.StandardCheckpointer() as checkpointer:
     variables = checkpointer.restore(os.path.join(output_dir, VARIABLES_DIR))
   return config, variables, doc.get("metadata", {})
 
 
-def _restore_tuples(config: ml_collections.ConfigDict) -> None:
+def _tuples(tree: Any) -> Any:
   """JSON turns tuples into lists; the model config uses tuples for static shapes."""
-  for key, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      _restore_tuples(value)
-    elif isinstance(value, list):
-      config[key] = tuple(value)
+  if isinstance(tree, dict):
+    return {k: _tuples(v) for k, v in tree.items()}
+  if isinstance(tree, list):
+    return tuple(_tuples(v) for v in tree)
+  return tree

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mpformer_jax.models import layers
+from mpformer_jax.models.conv import Conv2D
 from mpformer_jax.models.position_encoding import sine_position_encoding
 from mpformer_jax.ops import msda
 from mpformer_jax.ops.sampling import resize_bilinear
@@ -180,11 +181,10 @@ class ConvNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    pad = self.kernel_size // 2
-    x = nn.Conv(
+    x = Conv2D(
       self.features,
-      (self.kernel_size, self.kernel_size),
-      padding=((pad, pad), (pad, pad)),
+      self.kernel_size,
+      padding=self.kernel_size // 2,
       use_bias=self.use_bias,
       dtype=self.dtype,
       kernel_init=self.kernel_init,
@@ -292,9 +292,9 @@ class PixelDecoder(nn.Module):
         ConvNorm(self.conv_dim, 3, relu=True, dtype=self.dtype, name=f"output_conv_{idx}")(y)
       )
 
-    mask_features = nn.Conv(
+    mask_features = Conv2D(
       self.mask_dim,
-      (1, 1),
+      1,
       dtype=self.dtype,
       kernel_init=layers.c2_xavier_fill,
       bias_init=nn.initializers.zeros,

@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mpformer_jax.models.conv import Conv2D, max_pool2d
 from mpformer_jax.models.norms import make_norm
 
 # torchvision initialises convolutions with kaiming_normal_(mode="fan_out", nonlinearity="relu"):
@@ -37,18 +38,17 @@ BOTTLENECK_EXPANSION = 4
 STAGE_NAMES = ("res2", "res3", "res4", "res5")
 
 
-def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
+def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> Conv2D:
   """A bias-free conv with torch's symmetric padding `kernel // 2` on every side.
 
   "SAME" would pad (0, 1) for an even input and stride 2, shifting the sampling grid by one
   pixel relative to torch and breaking checkpoint parity.
   """
-  pad = kernel // 2
-  return nn.Conv(
+  return Conv2D(
     features,
-    kernel_size=(kernel, kernel),
-    strides=(stride, stride),
-    padding=((pad, pad), (pad, pad)),
+    kernel_size=kernel,
+    stride=stride,
+    padding=kernel // 2,
     use_bias=False,
     dtype=dtype,
     param_dtype=jnp.float32,
@@ -144,8 +144,7 @@ class ResNet(nn.Module):
     x = _conv(self.stem_width, 7, 2, self.dtype, "stem_conv")(x)
     x = make_norm(self.norm, train=train, dtype=self.dtype, name="stem_norm")(x)
     x = nn.relu(x)
-    # flax pads max_pool with -inf (the reduce_window identity), like torch's MaxPool2d.
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = max_pool2d(x, kernel_size=3, stride=2, padding=1)
 
     outputs = {}
     for i, (depth, out_name) in enumerate(zip(self.depths, STAGE_NAMES, strict=True)):

@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from mpformer_jax.models import layers
+from mpformer_jax.models.conv import Conv2D
 from mpformer_jax.models.position_encoding import sine_position_encoding
-from mpformer_jax.ops.sampling import resize_bilinear_hw
+from mpformer_jax.ops.sampling import resize_bilinear
 
 Dtype = Any
 
@@ -102,48 +103,57 @@ class DecoderLayer(nn.Module):
 
 
 class PredictionHeads(nn.Module):
-  """Shared heads: LayerNorm, class logits (K + 1) and mask logits from `mask_features`."""
+  """Shared heads: LayerNorm, class logits (K + 1) and the mask embedding.
+
+  Mask logits are `einsum("btc,bhwc->bthw", mask_embed, mask_features)`; the decoder forms them
+  itself (see `TransformerDecoder`) so that all predictions share one product.
+  """
 
   num_classes: int
   mask_dim: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask_features):
-    """Predicts classes and masks.
+  def __call__(self, x):
+    """Predicts classes and mask embeddings.
 
     Args:
       x: queries `[B, T, D]`.
-      mask_features: `[B, H4, W4, mask_dim]`.
 
     Returns:
-      `(class_logits [B, T, K + 1], mask_logits [B, T, H4, W4])`, float32.
+      `(class_logits [B, T, K + 1] float32, mask_embed [B, T, mask_dim])`.
     """
     d = x.shape[-1]
     x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="decoder_norm")(x)
     logits = layers.torch_dense(self.num_classes + 1, d, self.dtype, "class_embed")(x)
     embed = layers.MLP(d, self.mask_dim, 3, self.dtype, name="mask_embed")(x)
-    masks = jnp.einsum(
-      "btc,bhwc->bthw",
-      embed,
-      mask_features.astype(self.dtype),
-      preferred_element_type=jnp.float32,
-    )
-    return logits.astype(jnp.float32), masks
+    return logits.astype(jnp.float32), embed
 
 
-def predicted_mask_to_blocked(mask_logits: jax.Array, size: tuple[int, int]) -> jax.Array:
-  """Attention mask from predicted masks: resize bilinearly, block where sigmoid < 0.5.
+def mask_logits(mask_embed: jax.Array, mask_features: jax.Array) -> jax.Array:
+  """`[..., T, C] x [B, H, W, C] -> [..., T, H, W]` mask logits, accumulated in float32."""
+  return jnp.einsum(
+    "...btc,bhwc->...bthw", mask_embed, mask_features, preferred_element_type=jnp.float32
+  )
+
+
+def attention_blocked(mask_embed: jax.Array, level_mask_features: jax.Array) -> jax.Array:
+  """Masked-attention mask: block where the predicted mask's sigmoid is below 0.5.
+
+  The reference resizes the stride-4 mask logits bilinearly to the level and thresholds them.
+  Bilinear resizing is linear and acts on the spatial axes only, so it commutes with the
+  channel product: resizing `mask_features` to the level once per level and taking the product
+  there gives the same logits (up to float rounding) at a fraction of the cost.
 
   Args:
-    mask_logits: `[B, T, H4, W4]`.
-    size: `(h, w)` of the next layer's level.
+    mask_embed: `[B, T, C]`.
+    level_mask_features: `mask_features` resized to the level, `[B, h, w, C]`.
 
   Returns:
     bool `[B, T, h * w]`, True = blocked, without gradient.
   """
-  resized = resize_bilinear_hw(jax.lax.stop_gradient(mask_logits), size)
-  blocked = jax.nn.sigmoid(resized) < 0.5
+  logits = mask_logits(jax.lax.stop_gradient(mask_embed), level_mask_features)
+  blocked = jax.nn.sigmoid(logits) < 0.5
   return blocked.reshape(blocked.shape[0], blocked.shape[1], -1)
 
 
@@ -213,9 +223,9 @@ class TransformerDecoder(nn.Module):
       _, h, w, c = x.shape
       x = x.astype(self.dtype)
       if c != d or self.enforce_input_proj:
-        x = nn.Conv(
+        x = Conv2D(
           d,
-          (1, 1),
+          1,
           dtype=self.dtype,
           kernel_init=layers.c2_xavier_fill,
           bias_init=nn.initializers.zeros,
@@ -248,15 +258,19 @@ class TransformerDecoder(nn.Module):
       self_blocked = mask_pilot.self_attn_mask
 
     heads = PredictionHeads(self.num_classes, self.mask_dim, self.dtype, name="heads")
+    mask_features = mask_features.astype(self.dtype)
+    level_mask_features = [
+      resize_bilinear(jax.lax.stop_gradient(mask_features), size) for size in sizes
+    ]
     predictions = []
 
     def predict(x, layer_index):
       """Heads on `x`; returns the cross-attention mask for decoder layer `layer_index`."""
-      logits, masks = heads(x, mask_features)
-      predictions.append((logits, masks))
+      logits, embed = heads(x)
+      predictions.append((logits, embed))
       if layer_index >= self.num_layers:
         return None
-      blocked = predicted_mask_to_blocked(masks, sizes[layer_index % num_levels])
+      blocked = attention_blocked(embed, level_mask_features[layer_index % num_levels])
       if mask_pilot is not None and mask_pilot.attn_masks[layer_index] is not None:
         blocked = blocked.at[:, :num_mp].set(mask_pilot.attn_masks[layer_index])
       return blocked
@@ -274,11 +288,26 @@ class TransformerDecoder(nn.Module):
       )
       blocked = predict(x, i + 1)
 
-    def pack(sl):
-      outs = [{"pred_logits": lg[:, sl], "pred_masks": mk[:, sl]} for lg, mk in predictions]
+    # One product for the stride-4 masks of every prediction: [L, B, T, H4, W4]. Split (not
+    # indexed) apart: the gradient of `split` is one concatenation, whereas each indexing op
+    # would pad its gradient back to the full stacked size.
+    masks = mask_logits(jnp.stack([embed for _, embed in predictions]), mask_features)
+    masks = [m[0] for m in jnp.split(masks, len(predictions), axis=0)]
+    logits = [lg for lg, _ in predictions]
+
+    def pack(parts):
+      """`parts[i]` = (logits, masks) of prediction i -> the output dict."""
+      outs = [{"pred_logits": lg, "pred_masks": mk} for lg, mk in parts]
       return {**outs[-1], "aux_outputs": outs[:-1]}
 
-    result = pack(slice(num_mp, None))
-    if mask_pilot is not None:
-      result["mask_pilot"] = pack(slice(0, num_mp))
+    if mask_pilot is None:
+      return pack(list(zip(logits, masks, strict=True)))
+    split = lambda t: jnp.split(t, [num_mp], axis=1)
+    mp_parts, match_parts = [], []
+    for lg, mk in zip(logits, masks, strict=True):
+      (lg_mp, lg_match), (mk_mp, mk_match) = split(lg), split(mk)
+      mp_parts.append((lg_mp, mk_mp))
+      match_parts.append((lg_match, mk_match))
+    result = pack(match_parts)
+    result["mask_pilot"] = pack(mp_parts)
     return result
