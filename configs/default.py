@@ -10,7 +10,6 @@ from mpformer_jax import config_lib
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.model = config_lib.model_config(num_classes=133, backbone="resnet50")
-  # MP-Former removes the learnable query positional embedding (spec section 2.4).
-  config.model.decoder.query_pos_embed = False
+  # MP-Former removes the learnable query positional embedding and adds the mask pilot.
+  config.model = config_lib.mp_former_config(num_classes=133, backbone="resnet50")
   return config

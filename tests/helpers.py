@@ -48,3 +48,41 @@ def random_variables(model, image_shape, seed: int = 0, scale: float = 0.1):
     return (scale * rng.standard_normal(leaf.shape)).astype(np.float32)
 
   return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def random_targets(
+  seed: int, batch: int, size: tuple[int, int], max_gt: int, num_classes: int, counts=None
+):
+  """Ground truth of random overlapping rectangles painted into an id map (later ones on top).
+
+  Args:
+    seed: numpy seed.
+    batch: images.
+    size: (H, W).
+    max_gt: slots per image.
+    num_classes: K.
+    counts: segments per image (default: random in [1, max_gt]).
+
+  Returns:
+    `mpformer_jax.targets.Targets` with numpy arrays; every listed segment keeps >= 1 pixel.
+  """
+  from mpformer_jax.targets import Targets
+
+  rng = np.random.default_rng(seed)
+  h, w = size
+  seg = np.zeros((batch, h, w), np.int32)
+  ids = np.zeros((batch, max_gt), np.int32)
+  labels = np.zeros((batch, max_gt), np.int32)
+  valid = np.zeros((batch, max_gt), bool)
+  for b in range(batch):
+    n = rng.integers(1, max_gt + 1) if counts is None else counts[b]
+    for j in range(n):
+      y0, x0 = rng.integers(0, h - 2), rng.integers(0, w - 2)
+      y1, x1 = rng.integers(y0 + 1, h + 1), rng.integers(x0 + 1, w + 1)
+      seg[b, y0:y1, x0:x1] = j + 1
+    present = [j for j in range(n) if (seg[b] == j + 1).any()]
+    for slot, j in enumerate(present):
+      ids[b, slot] = j + 1
+      labels[b, slot] = rng.integers(0, num_classes)
+      valid[b, slot] = True
+  return Targets(segment_ids=seg, ids=ids, labels=labels, valid=valid)

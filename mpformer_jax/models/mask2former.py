@@ -8,8 +8,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mpformer_jax.models.mask_pilot import MaskPilot
 from mpformer_jax.models.pixel_decoder import PixelDecoder
-from mpformer_jax.models.transformer_decoder import MaskPilotInputs, TransformerDecoder
+from mpformer_jax.models.transformer_decoder import TransformerDecoder
+from mpformer_jax.targets import Targets
 
 
 class Mask2Former(nn.Module):
@@ -19,32 +21,41 @@ class Mask2Former(nn.Module):
     backbone: a module mapping `[B, H, W, 3]` to `{"res2", ..., "res5"}` NHWC maps.
     pixel_decoder: the `PixelDecoder`.
     transformer_decoder: the `TransformerDecoder`.
+    mask_pilot: MP-Former's `MaskPilot`, or None for Mask2Former.
   """
 
   backbone: nn.Module
   pixel_decoder: PixelDecoder
   transformer_decoder: TransformerDecoder
+  mask_pilot: MaskPilot | None = None
 
   def __call__(
     self,
     images: jax.Array,
     train: bool = False,
-    mask_pilot: MaskPilotInputs | None = None,
+    targets: Targets | None = None,
   ) -> dict[str, Any]:
     """Predicts masks and classes.
 
     Args:
       images: float32 `[B, H, W, 3]`, normalised with the pixel mean/std; H and W multiples of 32.
-      train: training mode (batch-norm statistics, drop path).
-      mask_pilot: MP-Former's mask-pilot block (training only).
+      train: training mode (batch-norm statistics, drop path, and the mask pilot).
+      targets: the ground truth, needed by the mask pilot in training; ignored otherwise.
 
     Returns:
       `{"pred_logits": [B, Q, K + 1], "pred_masks": [B, Q, H/4, W/4], "aux_outputs": [...]}`
-      (float32 logits) and, with `mask_pilot`, `"mask_pilot"` holding the MP predictions.
+      (float32 logits; see `TransformerDecoder` for the other keys) and, when the mask pilot
+      runs, `"mask_pilot"` holding the MP predictions.
     """
     features = self.backbone(images, train=train)
     mask_features, multi_scale = self.pixel_decoder(features)
-    return self.transformer_decoder(multi_scale, mask_features, mask_pilot)
+    pilot = None
+    if self.mask_pilot is not None and train and targets is not None:
+      sizes = tuple(tuple(f.shape[1:3]) for f in multi_scale)
+      pilot = self.mask_pilot(targets, sizes)
+    elif self.mask_pilot is not None and self.is_initializing():
+      self.mask_pilot.create_params()
+    return self.transformer_decoder(multi_scale, mask_features, pilot)
 
 
 def _dtype(name: str):
@@ -100,6 +111,21 @@ def build_model(config: Any) -> Mask2Former:
   dtype = _dtype(m.dtype)
   pd = m.pixel_decoder
   dec = m.decoder
+  mp = getattr(m, "mask_pilot", None)
+  mask_pilot = None
+  if mp is not None and mp.enabled:
+    mask_pilot = MaskPilot(
+      num_classes=m.num_classes,
+      hidden_dim=dec.hidden_dim,
+      num_queries=dec.num_queries,
+      num_layers=dec.num_layers,
+      groups=mp.groups,
+      label_noise_ratio=mp.label_noise_ratio,
+      noise_scale=mp.noise_scale,
+      all_layers=mp.all_layers,
+      group_size=mp.group_size,
+      dtype=dtype,
+    )
   return Mask2Former(
     backbone=build_backbone(m.backbone, dtype),
     pixel_decoder=PixelDecoder(
@@ -127,4 +153,5 @@ def build_model(config: Any) -> Mask2Former:
       query_pos_embed=dec.query_pos_embed,
       dtype=dtype,
     ),
+    mask_pilot=mask_pilot,
   )

@@ -39,8 +39,8 @@ class MaskPilotInputs:
     attn_masks: one entry per decoder layer `i`: a bool `[B, M, H_l * W_l]` cross-attention block
       mask (True = blocked) at the resolution of layer `i`'s level, or None where the MP queries
       use their own predicted masks (the reference's `ALL_LY_DN=False` in later layers).
-    self_attn_mask: bool `[M + Q, M + Q]`, True = blocked, over the concatenation
-      `[MP queries; matching queries]`.
+    self_attn_mask: bool `[B, M + Q, M + Q]` (or `[M + Q, M + Q]` shared by the batch),
+      True = blocked, over the concatenation `[MP queries; matching queries]`.
   """
 
   queries: jax.Array
@@ -206,9 +206,11 @@ class TransformerDecoder(nn.Module):
       mask_pilot: the MP block (training only) or None.
 
     Returns:
-      `{"pred_logits": [B, Q, K + 1], "pred_masks": [B, Q, H4, W4], "aux_outputs": [...]}` for
-      the matching queries (aux_outputs: one dict per earlier prediction, first from the initial
-      queries), plus `"mask_pilot"` with the same structure for the MP queries when given.
+      `{"pred_logits": [B, Q, K + 1], "pred_masks": [B, Q, H4, W4], "mask_embed": [B, Q, C],
+      "aux_outputs": [...]}` for the matching queries (aux_outputs: one dict per earlier
+      prediction, first from the initial queries), `"mask_features"` `[B, H4, W4, C]` (mask
+      logits are `einsum("bqc,bhwc->bqhw", mask_embed, mask_features)`), and `"mask_pilot"` with
+      the same structure for the MP queries when given.
     """
     num_levels = len(multi_scale_features)
     b = mask_features.shape[0]
@@ -256,6 +258,8 @@ class TransformerDecoder(nn.Module):
         # The MP queries have no positional embedding (MP-Former drops it for all queries).
         query_pos = jnp.concatenate([jnp.zeros((1, num_mp, d), query_pos.dtype), query_pos], 1)
       self_blocked = mask_pilot.self_attn_mask
+      if self_blocked.ndim == 3:
+        self_blocked = self_blocked[:, None]  # broadcast over heads
 
     heads = PredictionHeads(self.num_classes, self.mask_dim, self.dtype, name="heads")
     mask_features = mask_features.astype(self.dtype)
@@ -290,24 +294,30 @@ class TransformerDecoder(nn.Module):
 
     # One product for the stride-4 masks of every prediction: [L, B, T, H4, W4]. Split (not
     # indexed) apart: the gradient of `split` is one concatenation, whereas each indexing op
-    # would pad its gradient back to the full stacked size.
-    masks = mask_logits(jnp.stack([embed for _, embed in predictions]), mask_features)
+    # would pad its gradient back to the full stacked size. The training losses use the mask
+    # embeddings with `mask_features` instead (cheaper at sampled points); the full masks are
+    # then never computed.
+    embeds = [embed for _, embed in predictions]
+    masks = mask_logits(jnp.stack(embeds), mask_features)
     masks = [m[0] for m in jnp.split(masks, len(predictions), axis=0)]
     logits = [lg for lg, _ in predictions]
 
     def pack(parts):
-      """`parts[i]` = (logits, masks) of prediction i -> the output dict."""
-      outs = [{"pred_logits": lg, "pred_masks": mk} for lg, mk in parts]
+      """`parts[i]` = (logits, masks, embed) of prediction i -> the output dict."""
+      outs = [{"pred_logits": lg, "pred_masks": mk, "mask_embed": em} for lg, mk, em in parts]
       return {**outs[-1], "aux_outputs": outs[:-1]}
 
+    parts = list(zip(logits, masks, embeds, strict=True))
     if mask_pilot is None:
-      return pack(list(zip(logits, masks, strict=True)))
-    split = lambda t: jnp.split(t, [num_mp], axis=1)
-    mp_parts, match_parts = [], []
-    for lg, mk in zip(logits, masks, strict=True):
-      (lg_mp, lg_match), (mk_mp, mk_match) = split(lg), split(mk)
-      mp_parts.append((lg_mp, mk_mp))
-      match_parts.append((lg_match, mk_match))
-    result = pack(match_parts)
-    result["mask_pilot"] = pack(mp_parts)
+      result = pack(parts)
+    else:
+      mp_parts, match_parts = [], []
+      for part in parts:
+        # Each of (logits, masks, embed) splits along the query axis 1.
+        halves = [jnp.split(t, [num_mp], axis=1) for t in part]
+        mp_parts.append(tuple(h[0] for h in halves))
+        match_parts.append(tuple(h[1] for h in halves))
+      result = pack(match_parts)
+      result["mask_pilot"] = pack(mp_parts)
+    result["mask_features"] = mask_features
     return result

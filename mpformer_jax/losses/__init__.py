@@ -1,0 +1,1 @@
+"""The set-prediction objective: Hungarian matching and point-sampled mask losses."""

@@ -1,0 +1,283 @@
+"""Mask2Former's `SetCriterion` and MP-Former's mask-pilot losses, with fixed shapes.
+
+For each of the L predictions (the initial queries and every decoder layer):
+
+- matching part: Hungarian matching (`matcher.py`), then a class cross-entropy over all queries
+  (unmatched -> "no object", weight `no_object_weight`) and sigmoid-BCE + dice on points sampled
+  where the matched prediction is uncertain, against the bilinearly sampled GT;
+- mask-pilot part (MP-Former): the same three losses with the fixed one-to-one assignment
+  slot `g * M + j` <-> GT `j`, clean labels as targets.
+
+Normalisation reproduces the reference trained on `N` GPUs of `group_size` images, independent
+of how many devices we run on. With the global batch cut into `N` groups of `group_size` images:
+
+- class losses are a weighted mean within each group, averaged over groups (the reference's
+  per-GPU weighted mean, averaged by DDP);
+- mask and dice losses are sums over matched pairs divided by `N * num_masks` with
+  `num_masks = max(#GT / N, 1)` (the reference's all-reduced mean count, clamped at 1); MP mask
+  and dice losses also divide by the number of MP groups;
+- MP class losses cover the slots `j < max_num` of the image's group, `max_num` being the
+  group's largest GT count (the reference's MP block size): empty slots among them are trained as
+  "no object", the rest of our fixed-size block is excluded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mpformer_jax.losses import matcher as matcher_lib
+from mpformer_jax.losses import points as points_lib
+from mpformer_jax.models.mask_pilot import group_max_count
+from mpformer_jax.models.transformer_decoder import mask_logits
+from mpformer_jax.ops import rng as rng_lib
+from mpformer_jax.ops.sampling import point_sample
+from mpformer_jax.targets import Targets, sample_masks
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Weights and sampling of the objective (spec section 3 defaults)."""
+
+  class_weight: float = 2.0
+  mask_weight: float = 5.0
+  dice_weight: float = 5.0
+  no_object_weight: float = 0.1
+  num_points: int = 12544
+  oversample_ratio: float = 3.0
+  importance_sample_ratio: float = 0.75
+  matcher: str = "scipy"  # or "optax" (on device)
+  matcher_weights: matcher_lib.CostWeights = matcher_lib.CostWeights()
+  group_size: int = 4  # images per reference GPU
+  mask_pilot_class_loss: bool = True  # False = the reference's DN_NO_LB
+  batch_axes: tuple[str, ...] = ("data",)
+
+  @classmethod
+  def from_config(cls, config: Any) -> LossConfig:
+    """From an ml_collections `loss` config (missing fields keep their defaults)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in dict(config).items() if k in fields}
+    unknown = (
+      set(dict(config))
+      - fields
+      - {"matcher_class_weight", "matcher_mask_weight", "matcher_dice_weight"}
+    )
+    if unknown:
+      raise ValueError(f"loss: unknown fields {sorted(unknown)}")
+    weights = matcher_lib.CostWeights(
+      class_weight=dict(config).get("matcher_class_weight", values.get("class_weight", 2.0)),
+      mask_weight=dict(config).get("matcher_mask_weight", values.get("mask_weight", 5.0)),
+      dice_weight=dict(config).get("matcher_dice_weight", values.get("dice_weight", 5.0)),
+    )
+    if "batch_axes" in values:
+      values["batch_axes"] = tuple(values["batch_axes"])
+    return cls(**values, matcher_weights=weights)
+
+
+def weighted_cross_entropy(
+  logits: jax.Array, target: jax.Array, include: jax.Array, no_object_weight: float, groups: int
+) -> jax.Array:
+  """Class loss: per-group weighted mean of softmax cross-entropy, averaged over groups.
+
+  Args:
+    logits: `[B, T, K + 1]`.
+    target: int `[B, T]` in `[0, K]` (K = no object).
+    include: bool `[B, T]`, entries that take part (all, for the matching part).
+    no_object_weight: class weight of K (others 1), as `F.cross_entropy(weight=...)`.
+    groups: number of image groups (must divide B).
+
+  Returns:
+    Scalar.
+  """
+  num_classes = logits.shape[-1] - 1
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
+  w = jnp.where(target == num_classes, no_object_weight, 1.0) * include
+  num = (w * nll).reshape(groups, -1).sum(-1)
+  den = w.reshape(groups, -1).sum(-1)
+  # A group with nothing to classify (no MP slots) contributes 0, like the reference's GPU.
+  return jnp.mean(jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0))
+
+
+def mask_losses(
+  maps: jax.Array,
+  targets: Targets,
+  pair_valid: jax.Array,
+  keys: jax.Array | None,
+  cfg: LossConfig,
+  uniform: tuple[jax.Array, jax.Array] | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """Sum over valid pairs of the point-sampled BCE and dice losses.
+
+  Args:
+    maps: `[B, N, h, w]` mask logits of the predictions paired with GT slot `n % M`.
+    targets: the batch's `Targets` (M slots).
+    pair_valid: bool `[B, N]`.
+    keys: one PRNG key per pair `[B, N]` (see `ops.rng.slot_keys`) for its uniform points.
+    cfg: loss config.
+    uniform: optional `(oversampled [B, N, S, 2], random [B, N, R, 2])` uniform points instead
+      of `keys`, to reproduce another implementation's random draws in tests.
+
+  Returns:
+    `(sum of BCE means, sum of dice losses)` over valid pairs.
+  """
+  b, n, h, w = maps.shape
+  m = targets.max_gt
+  flat = maps.reshape(b * n, h, w)
+  oversampled, uncertain, random = points_lib.point_counts(
+    cfg.num_points, cfg.oversample_ratio, cfg.importance_sample_ratio
+  )
+  if uniform is None:
+    uniform = (
+      rng_lib.slot_uniform(
+        jax.vmap(jax.vmap(lambda k: jax.random.fold_in(k, 0)))(keys), (oversampled, 2)
+      ),
+      rng_lib.slot_uniform(
+        jax.vmap(jax.vmap(lambda k: jax.random.fold_in(k, 1)))(keys), (random, 2)
+      ),
+    )
+  over, rand = uniform
+  coords = points_lib.uncertain_points(
+    flat, over.reshape(b * n, -1, 2), rand.reshape(b * n, -1, 2), uncertain
+  )
+  logits = points_lib.sample_maps(flat, coords).reshape(b, n, -1)
+  coords = coords.reshape(b, n, -1, 2)
+  # GT slot of pair n is n % M (MP groups repeat the slots).
+  reps = n // m
+  slot_coords = coords.reshape(b, reps, m, -1, 2).transpose(1, 0, 2, 3, 4)
+  labels = jax.vmap(lambda c: sample_masks(targets, c))(slot_coords)  # [reps, B, M, P]
+  labels = labels.transpose(1, 0, 2, 3).reshape(b, n, -1)
+  bce = jnp.mean(jax.nn.softplus(logits) - logits * labels, axis=-1)  # BCE with logits
+  probs = jax.nn.sigmoid(logits)
+  dice = 1 - (2 * jnp.sum(probs * labels, -1) + 1) / (probs.sum(-1) + labels.sum(-1) + 1)
+  return jnp.sum(jnp.where(pair_valid, bce, 0.0)), jnp.sum(jnp.where(pair_valid, dice, 0.0))
+
+
+def _gather_queries(x: jax.Array, query: jax.Array) -> jax.Array:
+  """`x [B, Q, ...]` rows at `query [B, M]` (negative -> row 0, masked later)."""
+  idx = jnp.maximum(query, 0)
+  return jnp.take_along_axis(x, idx.reshape(*idx.shape, *([1] * (x.ndim - 2))), axis=1)
+
+
+def _predictions(outputs: dict[str, Any]) -> list[dict[str, jax.Array]]:
+  """Decoder predictions in order (aux first, final last)."""
+  return [*outputs["aux_outputs"], outputs]
+
+
+def set_criterion(
+  outputs: dict[str, Any],
+  targets: Targets,
+  rng: jax.Array,
+  cfg: LossConfig = LossConfig(),
+  controlled: dict[str, Any] | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The total training loss and every weighted term.
+
+  Args:
+    outputs: the model's training outputs (`pred_logits`, `mask_embed` per prediction,
+      `mask_features`, optionally `mask_pilot`).
+    targets: the batch's `Targets`.
+    rng: key; split into independent streams for matcher points and loss points.
+    cfg: loss config.
+    controlled: tests only: `{"matcher_points": [L, B, P, 2], "loss_points": [(over, rand)]*L}`
+      to replace the random draws.
+
+  Returns:
+    `(total, terms)`: terms are weighted, keyed like the reference (`loss_ce`, `loss_mask`,
+    `loss_dice` for the final prediction, `loss_ce_{i}`... for the earlier ones, `..._dn` for the
+    mask pilot), plus `num_masks`.
+  """
+  b, m = targets.valid.shape
+  if b % cfg.group_size:
+    raise ValueError(f"batch size {b} is not a multiple of loss.group_size={cfg.group_size}")
+  groups = b // cfg.group_size
+  num_gt = jnp.sum(targets.valid).astype(jnp.float32)
+  num_masks = jnp.maximum(num_gt / groups, 1.0)
+  norm = groups * num_masks
+  mask_features = outputs["mask_features"]
+  preds = _predictions(outputs)
+  num_preds = len(preds)
+  matcher_rng, loss_rng = jax.random.split(rng)
+
+  # ---- Matching: one cost tensor for all predictions, one solve. ----
+  if controlled is not None:
+    match_coords = controlled["matcher_points"]
+  else:
+    match_coords = jax.random.uniform(matcher_rng, (num_preds, b, cfg.num_points, 2))
+  # Mask logits at points = embedding . bilinear(mask_features, point): exact (bilinear sampling
+  # is linear) and avoids the full-resolution masks of all queries.
+  feats_at = jax.vmap(lambda c: point_sample(mask_features, c))(match_coords)  # [L, B, P, C]
+  embeds = jnp.stack([p["mask_embed"] for p in preds])  # [L, B, Q, C]
+  logits_all = jnp.stack([p["pred_logits"] for p in preds])  # [L, B, Q, K+1]
+  point_logits = jnp.einsum(
+    "lbqc,lbpc->lbqp", embeds, feats_at.astype(embeds.dtype), preferred_element_type=jnp.float32
+  )
+  gt_at = jax.vmap(lambda c: sample_masks(targets, c))(match_coords)  # [L, B, M, P]
+  cost = matcher_lib.pairwise_costs(
+    logits_all,
+    point_logits,
+    targets.labels[None],
+    gt_at,
+    targets.valid[None],
+    cfg.matcher_weights,
+  )
+  query_of_gt = matcher_lib.match(cost, targets.valid, cfg.matcher, cfg.batch_axes)  # [L, B, M]
+
+  terms = {}
+  total = jnp.zeros((), jnp.float32)
+  num_classes = logits_all.shape[-1] - 1
+  suffix = lambda i: "" if i == num_preds - 1 else f"_{i}"
+
+  for i, pred in enumerate(preds):
+    q = query_of_gt[i]
+    matched = targets.valid & (q >= 0)
+    # Class targets: K everywhere, the GT label at matched queries.
+    num_queries = pred["pred_logits"].shape[1]
+    target = jnp.full((b, num_queries), num_classes, jnp.int32)
+    rows = jnp.where(matched, q, num_queries)  # out of range -> dropped
+    target = jax.vmap(lambda t, r, lab: t.at[r].set(lab, mode="drop"))(
+      target, rows, targets.labels.astype(jnp.int32)
+    )
+    ce = weighted_cross_entropy(
+      pred["pred_logits"], target, jnp.ones_like(target, bool), cfg.no_object_weight, groups
+    )
+    maps = mask_logits(_gather_queries(pred["mask_embed"], q), mask_features)  # [B, M, h, w]
+    uniform = None if controlled is None else controlled["loss_points"][i]
+    keys = rng_lib.slot_keys(jax.random.fold_in(loss_rng, i), b, 1, m)
+    bce, dice = mask_losses(maps, targets, matched, keys, cfg, uniform)
+    terms[f"loss_ce{suffix(i)}"] = cfg.class_weight * ce
+    terms[f"loss_mask{suffix(i)}"] = cfg.mask_weight * bce / norm
+    terms[f"loss_dice{suffix(i)}"] = cfg.dice_weight * dice / norm
+
+  if "mask_pilot" in outputs:
+    mp_preds = _predictions(outputs["mask_pilot"])
+    n_mp = mp_preds[0]["pred_logits"].shape[1]
+    mp_groups = n_mp // m
+    valid = jnp.tile(targets.valid, (1, mp_groups))
+    max_num = group_max_count(targets.valid, cfg.group_size)
+    in_block = jnp.tile(jnp.arange(m)[None] < max_num[:, None], (1, mp_groups))
+    mp_target = jnp.where(valid, jnp.tile(targets.labels, (1, mp_groups)), num_classes)
+    mp_rng = jax.random.fold_in(loss_rng, num_preds)
+    for i, pred in enumerate(mp_preds):
+      maps = mask_logits(pred["mask_embed"], mask_features)  # [B, G*M, h, w]
+      keys = rng_lib.slot_keys(jax.random.fold_in(mp_rng, i), b, mp_groups, m)
+      bce, dice = mask_losses(maps, targets, valid, keys, cfg)
+      if cfg.mask_pilot_class_loss:
+        ce = weighted_cross_entropy(
+          pred["pred_logits"],
+          mp_target.astype(jnp.int32),
+          in_block,
+          cfg.no_object_weight,
+          groups,
+        )
+        terms[f"loss_ce_dn{suffix(i)}"] = cfg.class_weight * ce
+      terms[f"loss_mask_dn{suffix(i)}"] = cfg.mask_weight * bce / (norm * mp_groups)
+      terms[f"loss_dice_dn{suffix(i)}"] = cfg.dice_weight * dice / (norm * mp_groups)
+
+  for value in terms.values():
+    total = total + value
+  terms["num_masks"] = num_masks
+  return total, terms

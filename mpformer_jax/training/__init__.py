@@ -1,0 +1,1 @@
+"""Training: the objective wired to the model, and (later) the sharded train loop."""
