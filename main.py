@@ -1,33 +1,53 @@
-"""Entry point: `python main.py --config configs/<name>.py --workdir DIR [--mode train|eval]`.
+"""Trains MP-Former / Mask2Former.
 
-Training and evaluation arrive with the training issue; today this validates and prints the
-configuration and builds the network once.
+  python main.py --config configs/synthetic.py --workdir /tmp/run [--config.key=value ...]
+
+Checkpoints go to WORKDIR/checkpoints (a restart resumes from the newest one), metrics to
+WORKDIR/tensorboard and WORKDIR/metrics.jsonl, the final figures to WORKDIR/results.json.
 """
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "configs/default.py", "Configuration file.")
+config_flags.DEFINE_config_file("config", "configs/synthetic.py", "Configuration file.")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to run.")
+flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
-  del argv
-  import jax
-  import jax.numpy as jnp
-
-  from mpformer_jax import models
-
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = FLAGS.config
+  import jax
+
+  if config.distributed.enabled:
+    d = config.distributed
+    kwargs = {}
+    if d.coordinator_address:
+      kwargs = dict(
+        coordinator_address=d.coordinator_address,
+        num_processes=d.num_processes,
+        process_id=d.process_id,
+      )
+    jax.distributed.initialize(**kwargs)
+  logging.info(
+    "Process %d/%d, %d local / %d global devices (%s)",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.default_backend(),
+  )
   logging.info("Config:\n%s", config)
-  model = models.build_model(config)
-  images = jnp.zeros((1, 64, 64, 3), jnp.float32)
-  shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), images)
-  count = sum(x.size for x in jax.tree.leaves(shapes["params"]))
-  print(f"Built {config.model.backbone.name} model with {count / 1e6:.1f}M parameters.")
-  print(f"--mode={FLAGS.mode} is not implemented yet (see the training issue).")
+
+  from mpformer_jax.training import trainer
+
+  if FLAGS.mode == "train":
+    trainer.train_and_evaluate(config, FLAGS.workdir)
+  else:
+    raise app.UsageError("--mode=eval arrives with the evaluation issue")
 
 
 if __name__ == "__main__":

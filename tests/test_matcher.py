@@ -116,3 +116,19 @@ def test_more_segments_than_queries(method):
 
   rows, cols = linear_sum_assignment(cost[0, 0])
   np.testing.assert_array_equal(got[cols], rows)
+
+
+@pytest.mark.parametrize("count", [3, 8, 60])
+def test_optax_equals_scipy_at_full_size_with_many_padded_columns(count):
+  """Q = max_gt = 100 with few valid columns (padded ones hold `COST_UPPER_BOUND`).
+
+  Regression: solving with the 1e6 padding in float32 lost the real costs' digits and gave
+  another assignment than scipy.
+  """
+  rng = np.random.default_rng(count)
+  cost = rng.random((2, 2, 100, 100)).astype(np.float32)
+  valid = np.zeros((2, 100), bool)
+  valid[:, :count] = True
+  cost = np.where(valid[None, :, None, :], cost, matcher.COST_UPPER_BOUND).astype(np.float32)
+  got = np.asarray(jax.jit(lambda c, v: matcher.match(c, v, "optax"))(cost, valid))
+  np.testing.assert_array_equal(got, matcher._scipy_assign(cost, valid))

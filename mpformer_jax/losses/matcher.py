@@ -105,12 +105,19 @@ def _scipy_callback(cost: jax.Array, valid: jax.Array) -> jax.Array:
 def _optax_assign(cost: jax.Array, valid: jax.Array) -> jax.Array:
   """On-device exact Hungarian: same contract as `_scipy_assign`.
 
-  Solved on the full `[Q, M]` matrix: padded columns all cost the same (more than any real
-  pair), so however they are assigned, the valid columns get the assignment of the sliced problem.
+  Solved on the full `[Q, M]` matrix: padded columns all cost the same `c`, so however they are
+  assigned, the valid columns get the assignment of the sliced problem. `c` exceeds every real
+  cost by more than their spread, so that with fewer queries than columns no query prefers a
+  padded column. It is *not* `COST_UPPER_BOUND`: in float32, sums of many 1e6 entries lose the
+  real costs' digits, and the solver then returns a different (wrong) assignment.
   """
   import optax
 
   def one(c, v):
+    real = jnp.where(v[None, :], c, jnp.nan)
+    high, low = jnp.nanmax(real), jnp.nanmin(real)
+    padded_cost = jnp.where(jnp.isfinite(high), 2.0 * high - low + 1.0, 0.0)
+    c = jnp.where(v[None, :], c, padded_cost)
     rows, cols = optax.assignment.hungarian_algorithm(c)
     query = jnp.full((c.shape[1],), -1, jnp.int32).at[cols].set(rows.astype(jnp.int32))
     return jnp.where(v, query, -1)

@@ -1,0 +1,141 @@
+"""Dataset configuration: defaults and validation at the edge (errors name `dataset.<field>`).
+
+The data layer reads these fields by attribute, so any object with them works; the overall
+config is expected to hold this under `config.dataset`.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+
+import ml_collections
+
+from mpformer_jax.data.metadata import dataset_metadata
+from mpformer_jax.data.targets import TASKS
+
+SIZE_MULTIPLE = 32  # the network's coarsest stride: image sizes must divide by it
+
+
+def default_dataset_config() -> ml_collections.ConfigDict:
+  """The synthetic panoptic dataset with Mask2Former's augmentation at 128 x 128.
+
+  Also importable as `mpformer_jax.data.pipeline.default_dataset_config`.
+
+  Fields:
+    name: TFDS dataset name. "synthetic_shapes" is built on first use; any other name must be
+      prepared in `data_dir` with the same features (image, panoptic, image_id, segments) and
+      have category metadata in `mpformer_jax.data.metadata`.
+    data_dir: TFDS data directory (`~` is expanded); default `$TFDS_DATA_DIR` or
+      `~/tensorflow_datasets`.
+    task: "panoptic", "instance" or "semantic" (see `mpformer_jax.data.targets`).
+    num_classes: the number of classes of `name` for `task` (8 for this default; 5 for the
+      synthetic instance task), for the model config to copy. The loaders check it against the
+      dataset and fail on a mismatch, so change it together with `name` / `task` (None: take the
+      dataset's).
+    crop_size: `(H, W)` of training images, multiples of 32.
+    min_scale, max_scale: scale jitter range (relative to fitting the image into `crop_size`).
+    flip: random horizontal flips.
+    max_gt: target slots per training image; extra segments are dropped and counted.
+    eval_size: `(H, W)` of evaluation images (padded; larger images shrink to fit), multiples
+      of 32.
+    eval_max_segments: slots for the raw ground truth of an evaluation image; an image with
+      more segments is an error, since dropping ground truth would bias the metrics.
+    worker_count: grain worker processes (0 = load in the main process).
+    worker_buffer_size: batches each worker prepares ahead.
+    train_split, eval_split: split names.
+    synthetic: size of the synthetic dataset (`image_size`, `num_train`, `num_validation`,
+      `max_instances`, `seed`), used only when `name == "synthetic_shapes"`.
+  """
+  data_dir = os.environ.get("TFDS_DATA_DIR", os.path.join("~", "tensorflow_datasets"))
+  name, task = "synthetic_shapes", "panoptic"
+  num_classes = dataset_metadata(types.SimpleNamespace(name=name, task=task, num_classes=None))
+  return ml_collections.ConfigDict(
+    {
+      "name": name,
+      "data_dir": data_dir,
+      "task": task,
+      "num_classes": num_classes.num_classes,
+      "crop_size": (128, 128),
+      "min_scale": 0.5,
+      "max_scale": 2.0,
+      "flip": True,
+      "max_gt": 16,
+      "eval_size": (128, 128),
+      "eval_max_segments": 32,
+      "worker_count": 0,
+      "worker_buffer_size": 2,
+      "train_split": "train",
+      "eval_split": "validation",
+      "synthetic": {
+        "image_size": (128, 128),
+        "num_train": 512,
+        "num_validation": 64,
+        "max_instances": 6,
+        "seed": 0,
+      },
+    }
+  )
+
+
+def _field(config, name: str, prefix: str = "dataset"):
+  if not hasattr(config, name):
+    raise ValueError(f"{prefix}.{name}: missing")
+  return getattr(config, name)
+
+
+def _positive_int(config, name: str, prefix: str = "dataset", minimum: int = 1) -> int:
+  value = _field(config, name, prefix)
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"{prefix}.{name}: expected an integer >= {minimum}, got {value!r}")
+  return value
+
+
+def _size(config, name: str, multiple: int = 1, prefix: str = "dataset") -> tuple[int, int]:
+  value = _field(config, name, prefix)
+  try:
+    h, w = (int(v) for v in value)
+  except (TypeError, ValueError):
+    raise ValueError(f"{prefix}.{name}: expected (height, width), got {value!r}") from None
+  if h <= 0 or w <= 0 or h % multiple or w % multiple:
+    raise ValueError(
+      f"{prefix}.{name}: expected positive sizes divisible by {multiple}, got {value!r}"
+    )
+  return h, w
+
+
+def validate_dataset_config(config) -> None:
+  """Checks every field `default_dataset_config` documents.
+
+  Raises:
+    ValueError: naming the first offending field as `dataset.<field>`.
+  """
+  for name in ("name", "data_dir", "train_split", "eval_split"):
+    value = _field(config, name)
+    if not isinstance(value, str) or not value:
+      raise ValueError(f"dataset.{name}: expected a non-empty string, got {value!r}")
+  if _field(config, "task") not in TASKS:
+    raise ValueError(f"dataset.task: expected one of {TASKS}, got {config.task!r}")
+  if _field(config, "num_classes") is not None:
+    _positive_int(config, "num_classes")
+  _size(config, "crop_size", SIZE_MULTIPLE)
+  _size(config, "eval_size", SIZE_MULTIPLE)
+  min_scale, max_scale = _field(config, "min_scale"), _field(config, "max_scale")
+  if not 0 < min_scale <= max_scale:
+    raise ValueError(
+      f"dataset.min_scale, dataset.max_scale: expected 0 < min_scale <= max_scale, "
+      f"got {min_scale!r}, {max_scale!r}"
+    )
+  if not isinstance(_field(config, "flip"), bool):
+    raise ValueError(f"dataset.flip: expected a bool, got {config.flip!r}")
+  _positive_int(config, "max_gt")
+  _positive_int(config, "eval_max_segments")
+  _positive_int(config, "worker_count", minimum=0)
+  _positive_int(config, "worker_buffer_size")
+  if config.name == "synthetic_shapes":
+    synthetic = _field(config, "synthetic")
+    _size(synthetic, "image_size", prefix="dataset.synthetic")
+    _positive_int(synthetic, "num_train", "dataset.synthetic")
+    _positive_int(synthetic, "num_validation", "dataset.synthetic")
+    _positive_int(synthetic, "max_instances", "dataset.synthetic")
+    _positive_int(synthetic, "seed", "dataset.synthetic", minimum=0)

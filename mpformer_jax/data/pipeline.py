@@ -1,0 +1,403 @@
+"""Training and evaluation input pipelines (grain over TFDS ArrayRecord sources).
+
+Training batches (per process, `b = global_batch_size / process_count`):
+
+- `image` float32 `[b, H, W, 3]` normalised, `H, W = dataset.crop_size`;
+- `segment_ids` int32 `[b, H, W]`, `ids` / `labels` int32 `[b, max_gt]`, `valid` bool
+  `[b, max_gt]`: the fields of `mpformer_jax.targets.Targets`;
+- `num_dropped` int32 `[b]`: segments that did not fit in `max_gt` (see `data.targets`).
+
+The train stream is endless, shuffled every epoch, sharded by process (every process sees
+different examples, the same number of them), and augmented with a generator seeded by
+`(seed, epoch, example index)`, so batches do not depend on `worker_count`. Its iterator
+checkpoints through `get_state()` / `set_state()` (bytes), so grain's `CheckpointHandler` saves
+and restores it.
+
+Evaluation batches cover the split exactly once, in order, with a padded last batch; see
+`create_eval_loader` for the fields.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import grain
+import jax
+import numpy as np
+from absl import logging
+
+from mpformer_jax.data import panoptic_png, transforms
+from mpformer_jax.data.config import default_dataset_config, validate_dataset_config
+from mpformer_jax.data.metadata import DatasetMetadata, dataset_metadata
+from mpformer_jax.data.sources import open_source
+from mpformer_jax.data.targets import panoptic_to_targets, segments_as_arrays
+
+__all__ = [
+  "GlobalBatchSampler",
+  "EvalLoader",
+  "TrainIterator",
+  "create_eval_loader",
+  "create_train_loader",
+  "default_dataset_config",
+  "global_batch",
+]
+
+TRAIN_KEYS = ("image", "segment_ids", "ids", "labels", "valid", "num_dropped")
+# Source reads (PNG decoding, which releases the GIL) run in these threads. grain's default
+# buffers 500 decoded examples, too much memory for large images; 64 covers a few batches.
+READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=64)
+
+
+class GlobalBatchSampler:
+  """The endless, shuffled stream of training records, cut into global batches.
+
+  Epoch `e` visits the records in the order `permutation(seed, e)`; the stream of all epochs
+  is cut into global batches of `global_batch_size`, and process `p` of `P` takes rows
+  `[p * b, (p + 1) * b)` of each (`b = global_batch_size / P`). So the global batch of a step
+  is the same whatever the number of processes (it is assembled in process order by
+  `jax.make_array_from_process_local_data`), and so is every example's augmentation, seeded
+  by `(seed, epoch, record key)`.
+
+  Index `i` is the `i`-th example of this process's stream.
+  """
+
+  def __init__(
+    self,
+    num_records: int,
+    global_batch_size: int,
+    process_index: int,
+    process_count: int,
+    seed: int,
+  ):
+    self._num_records = num_records
+    self._global = global_batch_size
+    self._local = global_batch_size // process_count
+    self._process = process_index
+    self._seed = seed
+    self._orders: dict[int, np.ndarray] = {}
+
+  def __len__(self) -> int:
+    return sys.maxsize
+
+  def __repr__(self) -> str:  # grain compares reprs to validate a restored state
+    return (
+      f"GlobalBatchSampler(num_records={self._num_records}, global={self._global}, "
+      f"local={self._local}, process={self._process}, seed={self._seed})"
+    )
+
+  def _order(self, epoch: int) -> np.ndarray:
+    if epoch not in self._orders:
+      if len(self._orders) > 4:
+        self._orders.clear()
+      rng = np.random.default_rng([self._seed, epoch])
+      self._orders[epoch] = rng.permutation(self._num_records)
+    return self._orders[epoch]
+
+  def __getitem__(self, index: int) -> grain.RecordMetadata:
+    step, row = divmod(index, self._local)
+    position = step * self._global + self._process * self._local + row
+    epoch, offset = divmod(position, self._num_records)
+    record = int(self._order(epoch)[offset])
+    rng = transforms.example_rng(self._seed, epoch, record)
+    return grain.RecordMetadata(index=index, record_key=record, rng=rng)
+
+
+class _TrainExample(grain.transforms.RandomMap):
+  """Decoded TFDS example -> augmented image and fixed-shape targets (`TRAIN_KEYS`)."""
+
+  def __init__(self, config, meta: DatasetMetadata):
+    # Plain values: the transform is pickled into worker processes.
+    self._crop_size = tuple(config.crop_size)
+    self._min_scale, self._max_scale = float(config.min_scale), float(config.max_scale)
+    self._flip = bool(config.flip)
+    self._task, self._max_gt = config.task, int(config.max_gt)
+    self._things = meta.thing_category_ids
+    self._category_to_label = meta.category_to_label
+
+  def random_map(self, element, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    image, pan_ids = transforms.train_transform(
+      element["image"],
+      panoptic_png.rgb_to_id(element["panoptic"]),
+      rng,
+      self._crop_size,
+      self._min_scale,
+      self._max_scale,
+      self._flip,
+    )
+    targets = panoptic_to_targets(
+      pan_ids,
+      element["segments"],
+      self._task,
+      self._max_gt,
+      self._things,
+      self._category_to_label,
+    )
+    return {"image": image, **{k: targets[k] for k in TRAIN_KEYS[1:]}}
+
+
+class TrainIterator:
+  """The training batch iterator: grain's iterator plus a count of dropped segments.
+
+  Attributes:
+    num_dropped_total: segments dropped for lack of `max_gt` slots since this iterator was
+      created (not part of the checkpointed state).
+    num_examples: examples produced since this iterator was created.
+  """
+
+  def __init__(self, loader: grain.DataLoader):
+    self._iterator = iter(loader)
+    self.num_dropped_total = 0
+    self.num_examples = 0
+
+  def __iter__(self) -> TrainIterator:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._iterator)
+    dropped = int(batch["num_dropped"].sum())
+    if dropped and not self.num_dropped_total:
+      logging.warning(
+        "dataset.max_gt is too small: %d segment(s) of this batch did not fit and were "
+        "ignored; the batches' `num_dropped` counts them",
+        dropped,
+      )
+    self.num_dropped_total += dropped
+    self.num_examples += len(batch["num_dropped"])
+    return batch
+
+  def get_state(self) -> bytes:
+    """Position of the stream (grain's JSON state)."""
+    return self._iterator.get_state()
+
+  def set_state(self, state: bytes) -> None:
+    """Continues the stream from a `get_state()` result of an identically configured loader."""
+    self._iterator.set_state(state)
+
+  def start_prefetch(self) -> None:
+    """Starts the workers early (grain's `CheckpointHandler.restore` calls it)."""
+    self._iterator.start_prefetch()
+
+
+def _processes(process_index, process_count) -> tuple[int, int]:
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if not 0 <= index < count:
+    raise ValueError(f"process_index {index} is not in [0, {count})")
+  return index, count
+
+
+def _local_batch_size(global_batch_size: int, process_count: int) -> int:
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(
+      f"global batch size {global_batch_size} must be a positive multiple of the process "
+      f"count {process_count}"
+    )
+  return global_batch_size // process_count
+
+
+def create_train_loader(
+  config,
+  global_batch_size: int,
+  seed: int,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  worker_count: int | None = None,
+) -> TrainIterator:
+  """The endless training stream of this process's batches.
+
+  Args:
+    config: dataset config (`default_dataset_config()` fields).
+    global_batch_size: examples per step over all processes.
+    seed: shuffle and augmentation seed, in `[0, 2**32)`.
+    process_index: this process (default `jax.process_index()`).
+    process_count: number of processes (default `jax.process_count()`).
+    worker_count: grain worker processes (default `config.worker_count`).
+
+  Returns:
+    A `TrainIterator` of dicts with the module docstring's fields.
+  """
+  validate_dataset_config(config)
+  meta = dataset_metadata(config)
+  index, count = _processes(process_index, process_count)
+  local = _local_batch_size(global_batch_size, count)
+  source = open_source(config, "train_split")
+  if len(source) < count:
+    raise ValueError(f"dataset.train_split has {len(source)} examples for {count} processes")
+  # The sampler already picks this process's rows of every global batch: the loader itself
+  # reads the sampler's whole stream.
+  loader = grain.DataLoader(
+    data_source=source,
+    sampler=GlobalBatchSampler(len(source), global_batch_size, index, count, seed),
+    operations=[_TrainExample(config, meta), grain.transforms.Batch(local, drop_remainder=True)],
+    worker_count=config.worker_count if worker_count is None else worker_count,
+    worker_buffer_size=config.worker_buffer_size,
+    shard_options=grain.sharding.NoSharding(),
+    read_options=READ_OPTIONS,
+  )
+  return TrainIterator(loader)
+
+
+class _EvalExample:
+  """Record index -> evaluation example; index -1 gives an all-zero padding example."""
+
+  def __init__(self, source, config, meta: DatasetMetadata):
+    self._source = source
+    self._eval_size = tuple(config.eval_size)
+    self._task, self._max_gt = config.task, int(config.max_gt)
+    self._max_segments = int(config.eval_max_segments)
+    self._things = meta.thing_category_ids
+    self._category_to_label = meta.category_to_label
+
+  def __call__(self, key: int) -> dict[str, np.ndarray]:
+    if key < 0:
+      return self._padding()
+    element = self._source[key]
+    image, pan_ids, size = transforms.eval_transform(
+      element["image"], panoptic_png.rgb_to_id(element["panoptic"]), self._eval_size
+    )
+    targets = panoptic_to_targets(
+      pan_ids,
+      element["segments"],
+      self._task,
+      self._max_gt,
+      self._things,
+      self._category_to_label,
+    )
+    seg = segments_as_arrays(element["segments"])
+    n, s = len(seg["id"]), self._max_segments
+    if n > s:
+      raise ValueError(
+        f"dataset.eval_max_segments = {s}, but example {key} of the eval split has {n} "
+        "segments; raise it (dropping ground truth would bias the metrics)"
+      )
+    labels = [self._category_to_label.get(int(c), -1) for c in seg["category_id"]]
+    return {
+      "image": image,
+      "is_real": np.bool_(True),
+      "index": np.int32(key),
+      "image_id": np.int32(element["image_id"]),
+      "image_size": np.array(element["image"].shape[:2], np.int32),
+      "resized_size": np.array(size, np.int32),
+      "panoptic": pan_ids,
+      "gt_ids": _pad(seg["id"].astype(np.int32), s, 0),
+      "gt_labels": _pad(np.array(labels, np.int32), s, -1),
+      "gt_isthing": _pad(np.isin(seg["category_id"], self._things), s, False),
+      "gt_iscrowd": _pad(seg["iscrowd"], s, False),
+      "gt_valid": np.arange(s) < n,
+      **{k: targets[k] for k in TRAIN_KEYS[1:]},
+    }
+
+  def _padding(self) -> dict[str, np.ndarray]:
+    h, w = self._eval_size
+    s, m = self._max_segments, self._max_gt
+    return {
+      "image": np.zeros((h, w, 3), np.float32),
+      "is_real": np.bool_(False),
+      "index": np.int32(-1),
+      "image_id": np.int32(-1),
+      "image_size": np.zeros(2, np.int32),
+      "resized_size": np.zeros(2, np.int32),
+      "panoptic": np.zeros((h, w), np.int32),
+      "gt_ids": np.zeros(s, np.int32),
+      "gt_labels": np.full(s, -1, np.int32),
+      "gt_isthing": np.zeros(s, bool),
+      "gt_iscrowd": np.zeros(s, bool),
+      "gt_valid": np.zeros(s, bool),
+      "segment_ids": np.zeros((h, w), np.int32),
+      "ids": np.zeros(m, np.int32),
+      "labels": np.zeros(m, np.int32),
+      "valid": np.zeros(m, bool),
+      "num_dropped": np.int32(0),
+    }
+
+
+def _pad(values: np.ndarray, length: int, fill) -> np.ndarray:
+  out = np.full(length, fill, values.dtype)
+  out[: len(values)] = values
+  return out
+
+
+class EvalLoader:
+  """One ordered pass over this process's share of the eval split per `iter()`.
+
+  Attributes:
+    num_batches: batches per pass (the same on every process).
+    num_examples: real examples in the whole split.
+  """
+
+  def __init__(self, batches: grain.MapDataset, num_examples: int, worker_count: int):
+    self._batches = batches
+    self._worker_count = worker_count
+    self.num_batches = len(batches)
+    self.num_examples = num_examples
+
+  def __len__(self) -> int:
+    return self.num_batches
+
+  def __iter__(self):
+    dataset = self._batches.to_iter_dataset(READ_OPTIONS)
+    if self._worker_count:
+      dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._worker_count))
+    return iter(dataset)
+
+
+def create_eval_loader(
+  config,
+  global_batch_size: int,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  worker_count: int | None = None,
+) -> EvalLoader:
+  """Ordered, single-pass evaluation batches; nothing is dropped, padding is flagged.
+
+  Process `p` of `P` gets examples `p, p + P, p + 2P, ...`; every process yields the same
+  number of batches (padded with `is_real = False` examples), as sharded steps need.
+
+  Batch fields (`b = global_batch_size / P`, `H, W = dataset.eval_size`, `S =
+  dataset.eval_max_segments`):
+
+  - `image` float32 `[b, H, W, 3]`; `is_real` bool `[b]`; `index` int32 `[b]` (record index in
+    the split, -1 for padding); `image_id` int32 `[b]`;
+  - `image_size` int32 `[b, 2]`: the original `(h, w)`; `resized_size` int32 `[b, 2]`: the size
+    of the image inside the padded canvas (equal unless the image was larger than `eval_size`):
+    crop predictions to it, then resize to `image_size`;
+  - raw ground truth at the eval resolution: `panoptic` int32 `[b, H, W]` segment ids (0 = void
+    and padding), and per segment `gt_ids` int32 `[b, S]`, `gt_labels` int32 `[b, S]` (training
+    label, -1 for categories outside the task's label space), `gt_isthing`, `gt_iscrowd`,
+    `gt_valid` bool `[b, S]`;
+  - the training targets of the task, as in training batches (for an evaluation loss).
+
+  Args:
+    config: dataset config (`default_dataset_config()` fields).
+    global_batch_size: examples per step over all processes.
+    process_index: this process (default `jax.process_index()`).
+    process_count: number of processes (default `jax.process_count()`).
+    worker_count: grain worker processes (default `config.worker_count`).
+  """
+  validate_dataset_config(config)
+  meta = dataset_metadata(config)
+  index, count = _processes(process_index, process_count)
+  local = _local_batch_size(global_batch_size, count)
+  source = open_source(config, "eval_split")
+  num_batches = math.ceil(math.ceil(len(source) / count) / local)
+  keys = list(range(index, len(source), count))
+  keys += [-1] * (num_batches * local - len(keys))
+  batches = grain.MapDataset.source(keys).map(_EvalExample(source, config, meta)).batch(local)
+  workers = config.worker_count if worker_count is None else worker_count
+  return EvalLoader(batches, len(source), workers)
+
+
+def global_batch(local_batch: dict, mesh: jax.sharding.Mesh, spec: jax.sharding.PartitionSpec):
+  """Each process's local arrays -> global `jax.Array`s sharded by `spec` over `mesh`.
+
+  Args:
+    local_batch: dict (any pytree) of numpy arrays, leading axis = this process's examples.
+    mesh: the device mesh.
+    spec: partition spec of the leading (batch) axis, e.g. `P("data")`.
+
+  Returns:
+    The same structure of global arrays whose leading axis spans all processes.
+  """
+  sharding = jax.NamedSharding(mesh, spec)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)

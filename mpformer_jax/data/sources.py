@@ -1,0 +1,39 @@
+"""Random-access TFDS data sources of the configured dataset (synthetic data is built if needed)."""
+
+from __future__ import annotations
+
+import os
+
+import tensorflow_datasets as tfds
+
+from mpformer_jax.data import synthetic_builder
+
+
+def open_source(config, split_field: str):
+  """The ArrayRecord data source of the split named by `config.<split_field>`.
+
+  Args:
+    config: the dataset config (`default_dataset_config()` fields).
+    split_field: "train_split" or "eval_split".
+
+  Returns:
+    A TFDS random-access source: `len()` and `source[i]` -> dict of decoded numpy features.
+
+  Raises:
+    ValueError: if the split does not exist.
+  """
+  data_dir = os.path.expanduser(config.data_dir)
+  if config.name == synthetic_builder.NAME:
+    s = config.synthetic
+    builder = synthetic_builder.ensure_built(
+      data_dir, tuple(s.image_size), s.num_train, s.num_validation, s.max_instances, s.seed
+    )
+  else:
+    builder = tfds.builder(config.name, data_dir=data_dir)
+  split = getattr(config, split_field)
+  if split.split("[")[0] not in builder.info.splits:  # allow TFDS slices such as "train[:10%]"
+    raise ValueError(
+      f"dataset.{split_field}: {config.name!r} has no split {split!r}; "
+      f"available: {sorted(builder.info.splits)}"
+    )
+  return builder.as_data_source(split=split)

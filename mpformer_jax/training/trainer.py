@@ -1,0 +1,289 @@
+"""The training loop: data, sharded jitted steps, checkpoints, metrics, preemption.
+
+One code path for one CPU, one GPU or many hosts: the batch is split over every device of a
+`(data, fsdp)` mesh, each process feeds its own slice of the global batch, the host matcher
+runs per device inside the step, and Orbax writes one checkpoint for all processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from mpformer_jax import models
+from mpformer_jax.losses.criterion import LossConfig
+from mpformer_jax.targets import Targets
+from mpformer_jax.training import checkpointing, optimizer, reporting, sharding
+from mpformer_jax.training.train_step import create_train_state, make_train_step
+
+TARGET_KEYS = ("segment_ids", "ids", "labels", "valid")
+
+
+class NonFiniteLossError(RuntimeError):
+  """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+def validate_config(config) -> None:
+  """Checks the fields the trainer relies on; errors name the field."""
+  n = jax.device_count()
+  t = config.training
+  if t.total_steps < 1:
+    raise ValueError(f"training.total_steps must be >= 1, got {t.total_steps}")
+  if t.global_batch_size % n:
+    raise ValueError(
+      f"training.global_batch_size={t.global_batch_size} is not a multiple of the {n} devices"
+    )
+  micro = t.global_batch_size // t.accumulation_steps
+  if t.global_batch_size % t.accumulation_steps or micro % n:
+    raise ValueError(
+      f"training.accumulation_steps={t.accumulation_steps}: each micro-batch must split evenly "
+      f"over the {n} devices (global_batch_size={t.global_batch_size})"
+    )
+  if micro % config.loss.group_size:
+    raise ValueError(
+      f"loss.group_size={config.loss.group_size} must divide the micro-batch size {micro}"
+    )
+  if config.model.num_classes != config.dataset.num_classes:
+    raise ValueError(
+      f"model.num_classes={config.model.num_classes} != dataset.num_classes="
+      f"{config.dataset.num_classes}"
+    )
+
+
+def _init_variables(model, image_shape, rng):
+  return model.init(rng, jnp.zeros((1, *image_shape, 3), jnp.float32))
+
+
+_INIT_CACHE: dict[Any, Any] = {}
+
+
+def _jitted_init(model, image_shape, model_config_json: str):
+  """Compiled `model.init`, once per model configuration and image shape."""
+  key = (model_config_json, image_shape)
+  if key not in _INIT_CACHE:
+    _INIT_CACHE[key] = jax.jit(lambda rng: _init_variables(model, image_shape, rng))
+  return _INIT_CACHE[key]
+
+
+def load_pretrained(variables: dict[str, Any], path: str) -> dict[str, Any]:
+  """Overwrites `variables` with a converted checkpoint (`mpformer_jax.convert`).
+
+  A bare backbone checkpoint (no model config) fills `backbone`; a whole-model one fills every
+  matching entry. Every loaded array must have the shape of its target; entries of the model
+  that the checkpoint lacks keep their initialisation and are counted in the log.
+  """
+  from mpformer_jax.convert.checkpoint_io import load_converted
+
+  model_config, loaded, _ = load_converted(path)
+  if model_config is None:
+    loaded = {col: {"backbone": tree} for col, tree in loaded.items()}
+  flat_target = dict(jax.tree_util.tree_flatten_with_path(variables)[0])
+  flat_loaded = dict(jax.tree_util.tree_flatten_with_path(loaded)[0])
+  unknown = [jax.tree_util.keystr(k) for k in flat_loaded if k not in flat_target]
+  if unknown:
+    raise ValueError(f"training.init_from={path}: entries not in the model: {unknown[:5]}...")
+  for key, value in flat_loaded.items():
+    if tuple(value.shape) != tuple(flat_target[key].shape):
+      raise ValueError(
+        f"training.init_from={path}: {jax.tree_util.keystr(key)} has shape {value.shape}, "
+        f"the model expects {flat_target[key].shape}"
+      )
+  logging.info(
+    "init_from %s: loaded %d arrays, %d keep their initialisation",
+    path,
+    len(flat_loaded),
+    len(flat_target) - len(flat_loaded),
+  )
+  leaves = [np.asarray(flat_loaded.get(k, v)) for k, v in flat_target.items()]
+  return jax.tree_util.tree_unflatten(jax.tree.structure(variables), leaves)
+
+
+def _global_batch(batch: dict[str, np.ndarray], mesh) -> tuple[jax.Array, Targets]:
+  spec = sharding.batch_sharding(mesh)
+
+  def put(x):
+    return jax.make_array_from_process_local_data(spec, np.asarray(x))
+
+  targets = Targets(**{k: put(batch[k]) for k in TARGET_KEYS})
+  return put(batch["image"]), targets
+
+
+def write_results(workdir: str, results: dict[str, Any]) -> None:
+  """`WORKDIR/results.json`: the latest evaluation (or final training losses), flat."""
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, "results.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(results, f, indent=2, sort_keys=True)
+  os.replace(path + ".tmp", path)
+
+
+def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> dict[str, Any]:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint.
+
+  Args:
+    config: the whole configuration (`configs/*.py`).
+    workdir: checkpoints, metrics and `results.json` go here.
+    stop_after: stop (with a checkpoint) after this many steps of this call, as a preemption
+      would; the next call resumes. None trains to `training.total_steps`.
+
+  Returns:
+    The final `state` and the last logged metrics (`step`, `train_*`).
+  """
+  from clu import metrics as clu_metrics
+
+  from mpformer_jax.data import pipeline
+
+  validate_config(config)
+  t = config.training
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.create_mesh(config.mesh.fsdp)
+  model = models.build_model(config.model)
+  loss_cfg = LossConfig.from_config(config.loss)
+  loss_cfg = LossConfig(**{**loss_cfg.__dict__, "batch_axes": sharding.BATCH_AXES})
+
+  loader = pipeline.create_train_loader(
+    config.dataset,
+    global_batch_size=t.global_batch_size,
+    seed=config.seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    worker_count=config.dataset.worker_count,
+  )
+  data_iter = iter(loader)
+
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, train_rng = jax.random.split(rng)
+  image_shape = tuple(config.dataset.crop_size)
+
+  def init_variables(rng):
+    return _init_variables(model, image_shape, rng)
+
+  abstract_vars = jax.eval_shape(init_variables, init_rng)
+  tx = optimizer.create_optimizer(config.optimizer, t.total_steps, abstract_vars["params"])
+  abstract_state = jax.eval_shape(
+    lambda v, r: create_train_state(v, tx, r), abstract_vars, train_rng
+  )
+  state_shardings = sharding.state_shardings(mesh, abstract_state)
+
+  manager = checkpointing.create_manager(
+    os.path.join(workdir, "checkpoints"),
+    save_every=t.checkpoint_every,
+    keep=t.keep_checkpoints,
+    with_data=True,
+  )
+  with jax.set_mesh(mesh):
+    restored = checkpointing.restore_latest(
+      manager,
+      checkpointing.abstract_with_shardings(abstract_state, state_shardings),
+      data_iterator=data_iter,
+    )
+    if restored is not None:
+      state, start_step = restored
+      logging.info("Restored checkpoint at step %d", start_step)
+    else:
+      start_step = 0
+      variables = _jitted_init(model, image_shape, config.model.to_json())(init_rng)
+      if t.init_from:
+        variables = load_pretrained(variables, t.init_from)
+      state = jax.jit(lambda v, r: create_train_state(v, tx, r), out_shardings=state_shardings)(
+        variables, train_rng
+      )
+
+    # The same configuration on the same devices reuses the compiled step (a restarted run in
+    # the same process, tests); XLA:CPU compiles take a minute even for small models.
+    cache_key = (config.to_json(), tuple(d.id for d in mesh.devices.flat))
+    if cache_key not in _STEP_CACHE:
+      step_fn = make_train_step(
+        model, loss_cfg, tx, accumulation_steps=t.accumulation_steps, remat=t.remat
+      )
+      batch_spec = sharding.batch_sharding(mesh)
+      target_spec = Targets(*(batch_spec,) * len(TARGET_KEYS))
+      _STEP_CACHE[cache_key] = jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, batch_spec, target_spec),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+      )
+    train_step = _STEP_CACHE[cache_key]
+    last_step = t.total_steps if stop_after is None else min(t.total_steps, start_step + stop_after)
+
+    writer = reporting.create_writer(workdir)
+    progress = reporting.ProgressReporter(t.total_steps, writer, t.log_every)
+    averages = None
+    nonfinite_in_a_row = 0
+    dropped_total = 0
+    last_metrics: dict[str, float] = {}
+    step = start_step
+    for step in range(start_step + 1, last_step + 1):
+      batch = next(data_iter)
+      dropped = int(np.sum(batch["num_dropped"]))
+      if dropped:
+        dropped_total += dropped
+        logging.log_first_n(
+          logging.WARNING,
+          "%d segments did not fit in dataset.max_gt=%d at step %d (counted in 'segments_dropped')",
+          10,
+          dropped,
+          config.dataset.max_gt,
+          step,
+        )
+      images, targets = _global_batch(batch, mesh)
+      state, metrics = train_step(state, images, targets)
+
+      finite = bool(metrics["finite"])
+      nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
+      if not finite:
+        logging.warning("Step %d: non-finite loss or gradient, update skipped", step)
+        if nonfinite_in_a_row >= t.max_nonfinite_steps:
+          manager.wait_until_finished()
+          raise NonFiniteLossError(
+            f"{nonfinite_in_a_row} consecutive steps with a non-finite loss (last at step "
+            f"{step}); the last good checkpoint is step {manager.latest_step()} in "
+            f"{manager.directory}"
+          )
+      collection = _metrics_collection(clu_metrics, metrics)
+      update = collection.single_from_model_output(**metrics)
+      averages = update if averages is None else averages.merge(update)
+      progress(step)
+      if step % t.log_every == 0 or step == last_step:
+        scalars = {f"train_{k}": v for k, v in averages.compute().items()}
+        scalars["segments_dropped"] = dropped_total
+        writer.write_scalars(step, scalars)
+        last_metrics = {k: float(v) for k, v in scalars.items()}
+        averages = None
+      checkpointing.save(manager, step, state, data_iter, force=step == t.total_steps)
+      if manager.reached_preemption(step):
+        logging.warning("Preemption signal at step %d: saving and exiting", step)
+        checkpointing.save(manager, step, state, data_iter, force=True)
+        break
+    if restored is not None and start_step >= t.total_steps:
+      logging.info("Nothing to do: the checkpoint is at step %d >= total_steps", start_step)
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
+    writer.close()
+
+  results = {"step": int(step), **last_metrics}
+  write_results(workdir, results)
+  return {"state": state, **results}
+
+
+def _metrics_collection(clu_metrics, metrics: dict[str, jax.Array]):
+  """A CLU collection averaging every scalar the step returns (one class per key set)."""
+  keys = tuple(sorted(metrics))
+  if keys not in _COLLECTIONS:
+    fields = {k: clu_metrics.Average.from_output(k) for k in keys if k != "skipped_steps"}
+    fields["skipped_steps"] = clu_metrics.LastValue.from_output("skipped_steps")
+    _COLLECTIONS[keys] = clu_metrics.Collection.create(**fields)
+  return _COLLECTIONS[keys]
+
+
+_COLLECTIONS: dict[tuple[str, ...], Any] = {}
+_STEP_CACHE: dict[Any, Any] = {}
