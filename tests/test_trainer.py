@@ -98,13 +98,21 @@ def read_jsonl(path):
     return [json.loads(line) for line in f]
 
 
+def _latest_step(directory):
+  return max(int(p) for p in os.listdir(directory) if p.isdigit())
+
+
 def saved_params(workdir, step=None):
-  """The parameters of a checkpoint, as numpy (restored without a target: no device layout)."""
+  """The parameters of a checkpoint as host numpy arrays (whatever wrote it: 1 or 8 devices,
+  1 or 2 processes), and its step."""
   directory = os.path.join(workdir, "checkpoints")
-  with ocp.CheckpointManager(directory, item_names=("state", "data")) as manager:
-    step = manager.latest_step() if step is None else step
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  return restored["state"]["params"], step
+  path = os.path.join(directory, str(_latest_step(directory) if step is None else step), "state")
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    metadata = checkpointer.metadata(path).item_metadata.tree
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  step = int(os.path.basename(os.path.dirname(path)))
+  return jax.tree.map(np.asarray, restored["params"]), step
 
 
 def assert_params_close(a, b, rtol, atol):
