@@ -31,7 +31,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -40,6 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from mpformer_jax import config_lib, models  # noqa: E402
 from mpformer_jax.losses import matcher as matcher_lib  # noqa: E402
 from mpformer_jax.losses.criterion import LossConfig  # noqa: E402
+from mpformer_jax.models.random_variables import random_variables  # noqa: E402
 from mpformer_jax.targets import Targets  # noqa: E402
 from mpformer_jax.training.objective import make_loss_fn  # noqa: E402
 
@@ -58,23 +58,6 @@ def synthetic_targets(rng, batch, size, max_gt, count, num_classes):
   valid = ids > 0
   labels = np.where(valid, rng.integers(0, num_classes, (batch, max_gt)), 0).astype(np.int32)
   return Targets(segment_ids=seg, ids=ids, labels=labels, valid=valid)
-
-
-def random_params(model, size, seed=0):
-  """Weights of the right structure without compiling `model.init` (slow on XLA:CPU)."""
-  rng = np.random.default_rng(seed)
-  x = jax.ShapeDtypeStruct((1, *size, 3), jnp.float32)
-  shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)
-
-  def fill(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if name.endswith(("['scale']", "['var']")):
-      return np.ones(leaf.shape, np.float32)
-    if name.endswith("['mean']"):
-      return np.zeros(leaf.shape, np.float32)
-    return (0.02 * rng.standard_normal(leaf.shape)).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def median_ms(fn, runs):
@@ -138,7 +121,7 @@ def bench_train_steps(args, rng):
       config.backbone.resnet.depths = (1, 1, 1, 1)
       config.pixel_decoder.num_layers = 1
     model = models.build_model(config)
-    variables = random_params(model, size)
+    variables = random_variables(model, size, scale=0.02)
     params = variables["params"]
     state = {"batch_stats": variables["batch_stats"]}
     variants["mask_pilot" if mp else "baseline"] = (

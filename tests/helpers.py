@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mpformer_jax import config_lib
+from mpformer_jax.models.random_variables import random_variables  # noqa: F401 (re-export)
 
 
 def tiny_model_config(num_classes: int = 5, backbone: str = "resnet", num_layers: int = 3):
@@ -26,28 +25,6 @@ def tiny_model_config(num_classes: int = 5, backbone: str = "resnet", num_layers
   dec.hidden_dim, dec.num_queries, dec.num_heads, dec.ffn_dim = 32, 6, 2, 64
   dec.num_layers = num_layers
   return config
-
-
-def random_variables(model, image_shape, seed: int = 0, scale: float = 0.1):
-  """Random variables with the model's structure, without compiling `model.init`.
-
-  XLA:CPU compiles every random initialiser separately, which costs tens of seconds for a whole
-  network; tests that only need *some* weights fill the `eval_shape` structure with numpy.
-  Norm scales and variances get 1 so that activations stay in a sane range.
-  """
-  rng = np.random.default_rng(seed)
-  x = jax.ShapeDtypeStruct((1, *image_shape, 3), jnp.float32)
-  shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)
-
-  def fill(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if name.endswith(("['scale']", "['var']")):
-      return np.ones(leaf.shape, np.float32)
-    if name.endswith("['mean']"):
-      return np.zeros(leaf.shape, np.float32)
-    return (scale * rng.standard_normal(leaf.shape)).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def random_targets(

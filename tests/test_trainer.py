@@ -28,36 +28,14 @@ from mpformer_jax.training import trainer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(data_dir: str, total_steps: int, variant: str = "mp_former"):
-  """configs/synthetic.py shrunk: 64 x 64 images, 3 decoder layers, a few steps."""
-  config = synthetic.get_config(variant)
-  config.dataset.data_dir = data_dir
-  config.dataset.synthetic.image_size = (64, 64)
-  config.dataset.synthetic.num_train = 24
-  config.dataset.synthetic.num_validation = 8
-  config.dataset.crop_size = (64, 64)
-  config.dataset.eval_size = (64, 64)
-  config.dataset.max_gt = 8
-  config.model.decoder.num_layers = 3
-  config.model.pixel_decoder.num_layers = 1
-  config.loss.num_points = 256
-  config.training.total_steps = total_steps
-  config.training.log_every = 1
-  config.training.checkpoint_every = 2
-  return config
-
-
-def overrides(config_args: dict) -> list[str]:
-  """Command-line form of the same settings, for `main.py` subprocesses."""
-  return [f"--config.{k}={v}" for k, v in config_args.items()]
-
-
-TINY_OVERRIDES = {
-  "dataset.synthetic.image_size": "(64,64)",
+# configs/synthetic.py shrunk: 64 x 64 images, 3 decoder layers, one encoder layer. The same
+# settings serve in-process runs (`tiny_config`) and `main.py` subprocesses (`overrides`).
+TINY = {
+  "dataset.synthetic.image_size": (64, 64),
   "dataset.synthetic.num_train": 24,
   "dataset.synthetic.num_validation": 8,
-  "dataset.crop_size": "(64,64)",
-  "dataset.eval_size": "(64,64)",
+  "dataset.crop_size": (64, 64),
+  "dataset.eval_size": (64, 64),
   "dataset.max_gt": 8,
   "model.decoder.num_layers": 3,
   "model.pixel_decoder.num_layers": 1,
@@ -65,6 +43,23 @@ TINY_OVERRIDES = {
   "training.log_every": 1,
   "training.checkpoint_every": 2,
 }
+
+
+def tiny_config(data_dir: str, total_steps: int, variant: str = "mp_former"):
+  config = synthetic.get_config(variant)
+  settings = {**TINY, "dataset.data_dir": data_dir, "training.total_steps": total_steps}
+  for key, value in settings.items():
+    *parents, name = key.split(".")
+    node = config
+    for parent in parents:
+      node = getattr(node, parent)
+    setattr(node, name, value)
+  return config
+
+
+def overrides(settings: dict) -> list[str]:
+  """Command-line form of `settings`, for `main.py` subprocesses."""
+  return [f"--config.{k}={str(v).replace(' ', '')}" for k, v in settings.items()]
 
 
 def run_main(workdir, data_dir, extra: dict, devices: int = 8, env_extra=None, wait=True):
@@ -81,7 +76,7 @@ def run_main(workdir, data_dir, extra: dict, devices: int = 8, env_extra=None, w
     str(workdir),
     "--alsologtostderr",
     f"--config.dataset.data_dir={data_dir}",
-    *overrides({**TINY_OVERRIDES, **extra}),
+    *overrides({**TINY, **extra}),
   ]
   proc = subprocess.Popen(
     cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

@@ -86,9 +86,9 @@ def make_train_step(
     remat: recompute activations in the backward pass except matmul outputs (less memory).
 
   Returns:
-    The step function. `metrics` holds every loss term (of the last micro-batch's terms
-    averaged over micro-batches), `loss`, `grad_norm`, `learning_rate`-free scalars, `finite`
-    (1.0 if the update was applied) and `skipped_steps`.
+    The step function. `metrics` holds every loss term and `loss` (averaged over
+    micro-batches), `grad_norm` (before clipping), `finite` (1.0 if the update was applied)
+    and `skipped_steps`.
   """
   loss_fn = make_loss_fn(model, loss_cfg)
   if remat:

@@ -7,6 +7,7 @@ runs per device inside the step, and Orbax writes one checkpoint for all process
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -17,6 +18,7 @@ import numpy as np
 from absl import logging
 
 from mpformer_jax import models
+from mpformer_jax.data import pipeline
 from mpformer_jax.losses.criterion import LossConfig
 from mpformer_jax.targets import Targets
 from mpformer_jax.training import checkpointing, optimizer, reporting, sharding
@@ -105,13 +107,11 @@ def load_pretrained(variables: dict[str, Any], path: str) -> dict[str, Any]:
 
 
 def _global_batch(batch: dict[str, np.ndarray], mesh) -> tuple[jax.Array, Targets]:
-  spec = sharding.batch_sharding(mesh)
-
-  def put(x):
-    return jax.make_array_from_process_local_data(spec, np.asarray(x))
-
-  targets = Targets(**{k: put(batch[k]) for k in TARGET_KEYS})
-  return put(batch["image"]), targets
+  """This process's batch -> the global images and targets, split over every device."""
+  arrays = pipeline.global_batch(
+    {k: batch[k] for k in ("image", *TARGET_KEYS)}, mesh, jax.P(sharding.BATCH_AXES)
+  )
+  return arrays["image"], Targets(**{k: arrays[k] for k in TARGET_KEYS})
 
 
 def write_results(workdir: str, results: dict[str, Any]) -> None:
@@ -138,15 +138,14 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
   """
   from clu import metrics as clu_metrics
 
-  from mpformer_jax.data import pipeline
-
   validate_config(config)
   t = config.training
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.create_mesh(config.mesh.fsdp)
   model = models.build_model(config.model)
-  loss_cfg = LossConfig.from_config(config.loss)
-  loss_cfg = LossConfig(**{**loss_cfg.__dict__, "batch_axes": sharding.BATCH_AXES})
+  loss_cfg = dataclasses.replace(
+    LossConfig.from_config(config.loss), batch_axes=sharding.BATCH_AXES
+  )
 
   loader = pipeline.create_train_loader(
     config.dataset,
@@ -185,8 +184,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
       data_iterator=data_iter,
     )
     if restored is not None:
-      state, start_step = restored
-      logging.info("Restored checkpoint at step %d", start_step)
+      state, start_step = restored  # `restore_latest` logs "Restored checkpoint at step N"
     else:
       start_step = 0
       variables = _jitted_init(model, image_shape, config.model.to_json())(init_rng)
@@ -218,22 +216,10 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
     progress = reporting.ProgressReporter(t.total_steps, writer, t.log_every)
     averages = None
     nonfinite_in_a_row = 0
-    dropped_total = 0
     last_metrics: dict[str, float] = {}
     step = start_step
     for step in range(start_step + 1, last_step + 1):
       batch = next(data_iter)
-      dropped = int(np.sum(batch["num_dropped"]))
-      if dropped:
-        dropped_total += dropped
-        logging.log_first_n(
-          logging.WARNING,
-          "%d segments did not fit in dataset.max_gt=%d at step %d (counted in 'segments_dropped')",
-          10,
-          dropped,
-          config.dataset.max_gt,
-          step,
-        )
       images, targets = _global_batch(batch, mesh)
       state, metrics = train_step(state, images, targets)
 
@@ -254,7 +240,8 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
       progress(step)
       if step % t.log_every == 0 or step == last_step:
         scalars = {f"train_{k}": v for k, v in averages.compute().items()}
-        scalars["segments_dropped"] = dropped_total
+        # Counted (and warned about) by the iterator, since this process started.
+        scalars["segments_dropped"] = data_iter.num_dropped_total
         writer.write_scalars(step, scalars)
         last_metrics = {k: float(v) for k, v in scalars.items()}
         averages = None
