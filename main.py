@@ -12,7 +12,13 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/synthetic.py", "Configuration file.")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
-flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to run.")
+flags.DEFINE_enum(
+  "mode",
+  "train",
+  ["train", "eval"],
+  "train: train (resuming from WORKDIR's newest checkpoint) and evaluate; eval: evaluate the "
+  "checkpoint `--config.evaluation.checkpoint_step` (default: the newest) of WORKDIR.",
+)
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -45,9 +51,25 @@ def main(argv):
   from mpformer_jax.training import trainer
 
   if FLAGS.mode == "train":
-    trainer.train_and_evaluate(config, FLAGS.workdir)
+    results = trainer.train_and_evaluate(config, FLAGS.workdir)
+    results.pop("state")
   else:
-    raise app.UsageError("--mode=eval arrives with the evaluation issue")
+    results = trainer.evaluate_checkpoint(config, FLAGS.workdir)
+  if jax.process_index() == 0:
+    _print_summary(results, FLAGS.workdir)
+
+
+def _print_summary(results: dict, workdir: str) -> None:
+  """The headline numbers and where everything is, for people at a terminal."""
+  import os
+
+  keys = ("PQ", "PQ_th", "PQ_st", "mIoU", "AP", "AP50", "train_loss", "images_per_sec")
+  shown = ", ".join(f"{k} {results[k]:.2f}" for k in keys if k in results)
+  print(f"Step {results['step']}: {shown}")
+  print(f"Results: {os.path.join(workdir, 'results.json')}")
+  if "overlays_dir" in results:
+    print(f"Pictures ([image | ground truth | prediction]): {results['overlays_dir']}")
+  print(f"TensorBoard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}")
 
 
 if __name__ == "__main__":

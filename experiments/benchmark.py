@@ -9,13 +9,21 @@ Same network and weights on both sides (the Hugging Face model is converted with
   predictions) w.r.t. every trainable parameter. BatchNorm uses running statistics on both sides
   (our FrozenBatchNorm; PyTorch in eval mode), as in Mask2Former's R50 training.
 
+- train_step (`--train-step`): one whole optimisation step at the reference's objective:
+  Hungarian matching (ours: scipy on the host), point-sampled class/mask/dice losses on all
+  10 predictions with 12544 points, backward, AdamW with clipping at 0.01. Ours is the
+  project's `make_train_step` with its optimiser; PyTorch is the model's own loss
+  (`mask_labels` / `class_labels`), `clip_grad_norm_` and `torch.optim.AdamW`. Both keep
+  BatchNorm statistics frozen. Ground truth: `--segments` random segments per image, padded
+  to `--max-gt` slots on our side (HF takes lists of the real ones).
+
 Runs alternate in blocks (ours x runs, PyTorch x runs, repeated) so that slow drifts of a shared
 machine hit both alike. Each block starts with an untimed run, because the first run after the
 other framework's is slow for either side. The JSON reports medians and the ratio
 ours / PyTorch (below 1.0: we are faster).
 
 Usage: .venv/bin/python experiments/benchmark.py [--sizes 256 512] [--batch 2] [--runs 2]
-  [--blocks 4] [--parts]
+  [--blocks 4] [--parts] [--train-step [--segments 10] [--max-gt 16]] [--no-inference]
 """
 
 from __future__ import annotations
@@ -183,6 +191,72 @@ def _part_cases(model, variables, torch_model, x_jax, x_torch):
   ]
 
 
+def random_ground_truth(rng, batch: int, size: int, count: int, max_gt: int, num_classes: int):
+  """`count` segments per image (a random partition of 16 x 16 blocks), ours and HF's form.
+
+  Returns:
+    `(Targets, mask_labels, class_labels)`: our padded targets and HF's per-image lists of
+    float `[n, H, W]` masks and int64 `[n]` labels.
+  """
+  import torch
+
+  from mpformer_jax.targets import Targets
+
+  cells = size // 16
+  seg = np.zeros((batch, size, size), np.int32)
+  for b in range(batch):
+    owner = np.concatenate([np.arange(count), rng.integers(0, count, cells * cells - count)])
+    owner = rng.permutation(owner).reshape(cells, cells) + 1
+    seg[b] = np.kron(owner, np.ones((16, 16), np.int32))
+  ids = np.zeros((batch, max_gt), np.int32)
+  ids[:, :count] = np.arange(1, count + 1)
+  labels = np.zeros((batch, max_gt), np.int32)
+  labels[:, :count] = rng.integers(0, num_classes, (batch, count))
+  targets = Targets(segment_ids=seg, ids=ids, labels=labels, valid=ids > 0)
+  mask_labels = [
+    torch.from_numpy((seg[b][None] == ids[b, :count, None, None]).astype(np.float32))
+    for b in range(batch)
+  ]
+  class_labels = [torch.from_numpy(labels[b, :count].astype(np.int64)) for b in range(batch)]
+  return targets, mask_labels, class_labels
+
+
+def train_step_cases(model, variables, torch_model, x_np, ground_truth, batch: int):
+  """Ours (`make_train_step` + the project's AdamW) and HF's whole training step."""
+  import torch
+
+  from mpformer_jax import config_lib
+  from mpformer_jax.losses.criterion import LossConfig
+  from mpformer_jax.training import optimizer
+  from mpformer_jax.training.train_step import create_train_state, make_train_step
+
+  targets, mask_labels, class_labels = ground_truth
+  opt_config = config_lib.optimizer_config()  # AdamW 1e-4, wd 0.05, backbone x0.1, clip 0.01
+  tx = optimizer.create_optimizer(opt_config, 100_000, variables["params"])
+  loss_cfg = LossConfig(group_size=batch)  # 12544 points, weights 2/5/5, scipy matcher
+  step = jax.jit(make_train_step(model, loss_cfg, tx))
+  state = create_train_state(variables, tx, jax.random.PRNGKey(0))
+  x_jax = jax.device_put(x_np)
+
+  def ours():
+    # The step is not donated here, so every call starts from the same state.
+    return step(state, x_jax, targets)[1]["loss"]
+
+  x_torch = torch.from_numpy(np.ascontiguousarray(np.transpose(x_np, (0, 3, 1, 2))))
+  trainable = [p for p in torch_model.parameters() if p.requires_grad]
+  torch_opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.05)
+
+  def theirs():
+    torch_opt.zero_grad(set_to_none=True)
+    out = torch_model(x_torch, mask_labels=mask_labels, class_labels=class_labels)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainable, 0.01)
+    torch_opt.step()
+    return out.loss
+
+  return [("train_step", ours, theirs)]
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
@@ -193,6 +267,10 @@ def main():
   parser.add_argument("--classes", type=int, default=150)
   parser.add_argument("--threads", type=int, default=os.cpu_count())
   parser.add_argument("--parts", action="store_true", help="also time each part alone")
+  parser.add_argument("--train-step", action="store_true", help="also time a whole train step")
+  parser.add_argument("--no-inference", action="store_true", help="skip forward(+backward)")
+  parser.add_argument("--segments", type=int, default=10, help="GT segments per image")
+  parser.add_argument("--max-gt", type=int, default=16, help="our padded GT slots per image")
   args = parser.parse_args()
 
   import torch
@@ -239,6 +317,8 @@ def main():
       "queries": args.queries,
       "classes": args.classes,
       "runs_per_block": args.runs,
+      "segments": args.segments,
+      "max_gt": args.max_gt,
       "blocks": args.blocks,
     },
     "sizes": {},
@@ -248,14 +328,21 @@ def main():
     x_np = rng.standard_normal((args.batch, size, size, 3)).astype(np.float32)
     x_jax = jax.device_put(x_np)
     x_torch = torch.from_numpy(np.ascontiguousarray(np.transpose(x_np, (0, 3, 1, 2))))
-    cases = [
-      ("forward", partial(forward, variables, x_jax), partial(torch_forward, x_torch)),
-      (
-        "forward_backward",
-        partial(forward_backward, params, rest, x_jax),
-        partial(torch_forward_backward, x_torch),
-      ),
-    ]
+    cases = []
+    if not args.no_inference:
+      cases += [
+        ("forward", partial(forward, variables, x_jax), partial(torch_forward, x_torch)),
+        (
+          "forward_backward",
+          partial(forward_backward, params, rest, x_jax),
+          partial(torch_forward_backward, x_torch),
+        ),
+      ]
+    if args.train_step:
+      ground_truth = random_ground_truth(
+        rng, args.batch, size, args.segments, args.max_gt, args.classes
+      )
+      cases += train_step_cases(model, variables, torch_model, x_np, ground_truth, args.batch)
     if args.parts:
       cases += _part_cases(model, variables, torch_model, x_jax, x_torch)
     entry = {}

@@ -172,14 +172,34 @@ def training_config() -> ml_collections.ConfigDict:
       "checkpoint_every": 5000,
       "keep_checkpoints": 3,
       "max_nonfinite_steps": 10,  # consecutive skipped updates before training stops
+      # A TensorBoard profile (WORKDIR/tensorboard) of `profile_steps` steps from
+      # `profile_first_step`; 0 steps: no profile.
+      "profile_first_step": 10,
+      "profile_steps": 0,
       "init_from": "",  # a converted checkpoint directory (python -m mpformer_jax.convert)
+    }
+  )
+
+
+def evaluation_config() -> ml_collections.ConfigDict:
+  """Evaluation during and after training (post-processing per spec section 5)."""
+  return ml_collections.ConfigDict(
+    {
+      "every_steps": 0,  # evaluate every N training steps (0: only after the last step)
+      "at_end": True,  # evaluate after the last step (results.json gets the metrics)
+      "batch_size": 8,  # global eval batch (a multiple of the device count)
+      "num_overlays": 4,  # [image | ground truth | prediction] pictures per evaluation
+      "object_mask_threshold": 0.8,
+      "overlap_threshold": 0.8,
+      "top_k": 100,  # instance results per image (TEST.DETECTIONS_PER_IMAGE)
+      "checkpoint_step": -1,  # --mode eval: the checkpoint to evaluate (-1: the latest)
     }
   )
 
 
 def base_config(model: ml_collections.ConfigDict, dataset: ml_collections.ConfigDict):
   """A whole run: model, data, objective, optimiser, loop, mesh and multi-host settings."""
-  return ml_collections.ConfigDict(
+  config = ml_collections.ConfigDict(
     {
       "seed": 0,
       "model": model,
@@ -187,6 +207,7 @@ def base_config(model: ml_collections.ConfigDict, dataset: ml_collections.Config
       "loss": loss_config(),
       "optimizer": optimizer_config(),
       "training": training_config(),
+      "evaluation": evaluation_config(),
       "mesh": {"fsdp": 1},  # devices per parameter-sharding group (1: pure data parallel)
       # jax.distributed.initialize(); on TPU pods and SLURM/Cloud the arguments are found
       # automatically, so `enabled` is all that is needed there.
@@ -198,3 +219,7 @@ def base_config(model: ml_collections.ConfigDict, dataset: ml_collections.Config
       },
     }
   )
+  # One number, two readers: the objective's normalisers and the mask pilot's block size both
+  # follow the reference's images per GPU; setting either field sets both.
+  config.loss.group_size = config.model.mask_pilot.get_ref("group_size")
+  return config

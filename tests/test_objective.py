@@ -107,6 +107,7 @@ def test_same_loss_and_gradients_on_1_and_8_devices(mask_pilot):
       _assert_trees_close(grads8, grads1, rtol=1e-4, atol=5e-5 * scale)
 
 
+@pytest.mark.slow  # 200 optimiser steps per variant; CI relies on the trainer's loss-falls test
 @pytest.mark.parametrize("mask_pilot", [False, True])
 def test_tiny_model_overfits_two_images(mask_pilot):
   start = time.perf_counter()

@@ -1,8 +1,8 @@
 """The training loop end to end on the embedded synthetic dataset.
 
-In-process runs use the 8 fake devices of `conftest.py`; runs with another device count or
-with several processes are subprocesses of `main.py`. All runs share a persistent compilation
-cache, so a configuration compiles once per test session.
+In-process runs use the 8 fake devices of `conftest.py` and share the trainer's cache of
+compiled steps; runs with another device count or with several processes are subprocesses of
+`main.py` and compile their own.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ TINY = {
   "loss.num_points": 256,
   "training.log_every": 1,
   "training.checkpoint_every": 2,
+  "training.profile_first_step": 2,
+  "training.profile_steps": 1,
 }
 
 
@@ -125,6 +127,23 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("tfds"))
 
 
+@pytest.fixture(scope="module")
+def one_device_settings(tmp_path_factory):
+  """Settings and environment of the 1-device `main.py` runs: they share one compilation.
+
+  They use the on-device matcher (it gives the same matches as the host one): the host
+  matcher's callback makes an executable impossible to cache on disk, and a fresh compile
+  of the step costs minutes on 2 CPU cores.
+  """
+  cache = str(tmp_path_factory.mktemp("jax_cache"))
+  env = {
+    "JAX_COMPILATION_CACHE_DIR": cache,
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+  }
+  return {"loss.matcher": "optax", "evaluation.at_end": False}, env
+
+
 STEPS = 4
 
 
@@ -139,6 +158,11 @@ def straight_run(tmp_path_factory, data_dir):
 def test_train_loss_falls_and_logs_appear(straight_run):
   workdir, result = straight_run
   assert result["step"] == STEPS
+  # One compilation of the step, none after the first step (static shapes throughout).
+  assert result["train_step_compiles"] == 1 and result["train_step_recompiles"] == 0
+  assert result["skipped_steps_this_run"] == 0
+  # The TensorBoard profile of step 2 (profile_first_step, profile_steps in TINY).
+  assert glob.glob(os.path.join(workdir, "tensorboard", "plugins", "profile", "*", "*.xplane.pb"))
   rows = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   losses = [r["train_loss"] for r in rows if "train_loss" in r]
   assert len(losses) == STEPS and losses[-1] < losses[0], losses
@@ -149,12 +173,34 @@ def test_train_loss_falls_and_logs_appear(straight_run):
   assert saved_params(workdir)[1] == STEPS  # a checkpoint at the last step
 
 
+def test_eval_mode_restores_and_reproduces_the_final_evaluation(tmp_path, data_dir, straight_run):
+  straight_dir, straight = straight_run
+  for key in ("PQ", "PQ_th", "PQ_st", "mIoU", "AP", "AP50"):
+    assert 0.0 <= straight[key] <= 100.0, key
+  assert straight["num_images"] == 8  # the whole validation split, once
+  overlays = glob.glob(os.path.join(straight_dir, "overlays", f"step_{STEPS}", "*.png"))
+  assert len(overlays) == 4
+  workdir = tmp_path / "copy"
+  shutil.copytree(straight_dir, workdir)
+  config = tiny_config(data_dir, STEPS)
+  evaluated = trainer.evaluate_checkpoint(config, str(workdir))
+  assert evaluated["step"] == STEPS
+  for key in ("PQ", "mIoU", "AP", "num_images"):
+    assert evaluated[key] == straight[key], key
+  with open(workdir / "results.json") as f:
+    assert json.load(f)["PQ"] == straight["PQ"]
+  config.evaluation.checkpoint_step = 3
+  with pytest.raises(FileNotFoundError, match="checkpoint_step=3"):
+    trainer.evaluate_checkpoint(config, str(workdir))
+
+
 def test_resume_is_exact(tmp_path, data_dir, straight_run):
   """4 steps straight == 2 steps, a fresh trainer that restores, 2 more (data included)."""
   _, straight = straight_run
   config = tiny_config(data_dir, STEPS)
   first = trainer.train_and_evaluate(config, str(tmp_path), stop_after=STEPS // 2)
   assert first["step"] == STEPS // 2
+  assert first["train_step_compiles"] == 0  # the straight run's compiled step is reused
   resumed = trainer.train_and_evaluate(config, str(tmp_path))
   assert resumed["step"] == STEPS
   assert_params_close(resumed["state"].params, straight["state"].params, rtol=1e-6, atol=1e-6)
@@ -163,7 +209,7 @@ def test_resume_is_exact(tmp_path, data_dir, straight_run):
 
 
 def test_kill_9_on_one_device_loses_only_that_save_and_matches_8_devices(
-  tmp_path, data_dir, straight_run
+  tmp_path, data_dir, straight_run, one_device_settings
 ):
   """`main.py` on 1 device, killed with SIGKILL while saving every step, then restarted.
 
@@ -171,8 +217,9 @@ def test_kill_9_on_one_device_loses_only_that_save_and_matches_8_devices(
   equal those of the uninterrupted 8-device run (same global batches).
   """
   straight_dir, _ = straight_run
-  extra = {"training.total_steps": STEPS, "training.checkpoint_every": 1}
-  proc = run_main(tmp_path, data_dir, extra, devices=1, wait=False)
+  settings, env = one_device_settings
+  extra = {**settings, "training.total_steps": STEPS, "training.checkpoint_every": 1}
+  proc = run_main(tmp_path, data_dir, extra, devices=1, env_extra=env, wait=False)
   checkpoints = tmp_path / "checkpoints"
   deadline = time.time() + 600
   while time.time() < deadline and proc.poll() is None:
@@ -183,24 +230,32 @@ def test_kill_9_on_one_device_loses_only_that_save_and_matches_8_devices(
   assert proc.poll() is None, proc.communicate()[0][-3000:]
   proc.send_signal(signal.SIGKILL)
   proc.communicate()
-  out = run_main(tmp_path, data_dir, extra, devices=1)
+  out = run_main(tmp_path, data_dir, extra, devices=1, env_extra=env)
   assert "Restored checkpoint at step" in out, out[-3000:]
   params, step = saved_params(tmp_path)
   assert step == STEPS
   assert_params_close(params, saved_params(straight_dir)[0], rtol=1e-5, atol=1e-5)
 
 
-def test_checkpoint_from_8_devices_continues_on_1(tmp_path, data_dir, straight_run):
+def test_checkpoint_from_8_devices_continues_on_1(
+  tmp_path, data_dir, straight_run, one_device_settings
+):
   straight_dir, _ = straight_run
+  settings, env = one_device_settings
   workdir = tmp_path / "copy"
   shutil.copytree(straight_dir, workdir)
-  out = run_main(workdir, data_dir, {"training.total_steps": STEPS + 1}, devices=1)
+  extra = {**settings, "training.total_steps": STEPS + 1}
+  out = run_main(workdir, data_dir, extra, devices=1, env_extra=env)
   assert f"Restored checkpoint at step {STEPS}" in out, out[-3000:]
   assert saved_params(workdir)[1] == STEPS + 1
 
 
-def test_two_processes_train_together_like_one(tmp_path, data_dir, straight_run):
-  """Two `main.py` processes with 4 CPU devices each (`jax.distributed` on localhost)."""
+def test_two_processes_with_fsdp_train_together_like_one(tmp_path, data_dir, straight_run):
+  """Two `main.py` processes with 4 CPU devices each (`jax.distributed` on localhost).
+
+  The mesh is (data 4, fsdp 2): large parameters and their optimiser state are sharded over
+  pairs of devices, and checkpoints are written by both processes together.
+  """
   straight_dir, _ = straight_run
   port = portpicker.pick_unused_port()
   procs = [
@@ -209,6 +264,7 @@ def test_two_processes_train_together_like_one(tmp_path, data_dir, straight_run)
       data_dir,
       {
         "training.total_steps": STEPS,
+        "mesh.fsdp": 2,
         "distributed.enabled": True,
         "distributed.coordinator_address": f"localhost:{port}",
         "distributed.num_processes": 2,
@@ -222,7 +278,14 @@ def test_two_processes_train_together_like_one(tmp_path, data_dir, straight_run)
   outs = [p.communicate(timeout=900)[0] for p in procs]
   for p, out in zip(procs, outs, strict=True):
     assert p.returncode == 0, out[-4000:]
-  assert "Process 1/2" in outs[1] or "Process 1" in outs[1]
+  assert "Process 1/2" in outs[1]
   params, step = saved_params(tmp_path)
   assert step == STEPS
   assert_params_close(params, saved_params(straight_dir)[0], rtol=1e-5, atol=1e-5)
+  # Evaluation on two processes: each predicts its own images, the metrics are gathered once.
+  with open(tmp_path / "results.json") as f:
+    two = json.load(f)
+  one = straight_run[1]
+  assert two["num_images"] == one["num_images"] == 8
+  for key in ("PQ", "mIoU", "AP"):
+    assert abs(two[key] - one[key]) < 1.0, (key, two[key], one[key])

@@ -15,6 +15,7 @@ from mpformer_jax.data.metadata import dataset_metadata
 from mpformer_jax.data.targets import TASKS
 
 SIZE_MULTIPLE = 32  # the network's coarsest stride: image sizes must divide by it
+AUGMENTATIONS = ("lsj", "short_side")  # see `default_dataset_config`
 
 
 def default_dataset_config() -> ml_collections.ConfigDict:
@@ -34,11 +35,35 @@ def default_dataset_config() -> ml_collections.ConfigDict:
       dataset and fail on a mismatch, so change it together with `name` / `task` (None: take the
       dataset's).
     crop_size: `(H, W)` of training images, multiples of 32.
-    min_scale, max_scale: scale jitter range (relative to fitting the image into `crop_size`).
+    augmentation: the training augmentation, `"lsj"` or `"short_side"`:
+      - `"lsj"` (implemented): random flip, resize so the image fits into `scale * crop_size`
+        (`scale` uniform in `[min_scale, max_scale]`), random crop to `crop_size`, pad to
+        `crop_size`. With `min_scale, max_scale = 0.1, 2.0` and a 1024 x 1024 crop this is
+        Mask2Former's COCO large-scale jitter (detectron2's `ResizeScale` + `FixedSizeCrop`).
+      - `"short_side"` (ADE20K / Cityscapes; lands with the real datasets, the loaders raise
+        `NotImplementedError` until then): resize the short side to a random choice of
+        `short_side.sizes` (long side at most `short_side.max_size`), random crop to
+        `crop_size` whose largest category covers at most `short_side.single_category_max_area`
+        of it, SSD colour jitter, random flip, pad to `crop_size`.
+    min_scale, max_scale: `"lsj"` scale jitter range (relative to fitting the image into
+      `crop_size`); unused by `"short_side"`.
+    short_side: the `"short_side"` augmentation's settings (validated only when it is selected):
+      - `sizes`: short-side lengths, one chosen uniformly per image (detectron2's
+        `ResizeShortestEdge(..., "choice")`);
+      - `max_size`: longest side after the resize;
+      - `single_category_max_area`: `RandomCrop_CategoryAreaConstraint`'s limit on the share of
+        the crop one category may cover (1.0: no constraint, plain random crop), in `(0, 1]`;
+      - `ignore_label`: the semantic label of void pixels, which the area constraint ignores
+        (the reference's `IGNORE_VALUE`, 255);
+      - `color_jitter`: detectron2's `ColorAugSSD` (brightness, contrast, saturation, hue).
     flip: random horizontal flips.
     max_gt: target slots per training image; extra segments are dropped and counted.
     eval_size: `(H, W)` of evaluation images (padded; larger images shrink to fit), multiples
-      of 32.
+      of 32. Make it hold the test resize below, or images shrink further than the reference's.
+    eval_short_side, eval_max_size: the test resize: short side to `eval_short_side`, long side
+      at most `eval_max_size` (detectron2's `ResizeShortestEdge` at test time). 0 (the default)
+      keeps the images' own size; a resize lands with the real datasets (the eval loader raises
+      `NotImplementedError` until then).
     eval_max_segments: slots for the raw ground truth of an evaluation image; an image with
       more segments is an error, since dropping ground truth would bias the metrics.
     worker_count: grain worker processes (0 = load in the main process).
@@ -57,11 +82,21 @@ def default_dataset_config() -> ml_collections.ConfigDict:
       "task": task,
       "num_classes": num_classes.num_classes,
       "crop_size": (128, 128),
+      "augmentation": "lsj",
       "min_scale": 0.5,
       "max_scale": 2.0,
+      "short_side": {
+        "sizes": (),
+        "max_size": 0,
+        "single_category_max_area": 1.0,
+        "ignore_label": 255,
+        "color_jitter": False,
+      },
       "flip": True,
       "max_gt": 16,
       "eval_size": (128, 128),
+      "eval_short_side": 0,
+      "eval_max_size": 0,
       "eval_max_segments": 32,
       "worker_count": 0,
       "worker_buffer_size": 2,
@@ -126,10 +161,12 @@ def validate_dataset_config(config) -> None:
       f"dataset.min_scale, dataset.max_scale: expected 0 < min_scale <= max_scale, "
       f"got {min_scale!r}, {max_scale!r}"
     )
+  _validate_augmentation(config)
   if not isinstance(_field(config, "flip"), bool):
     raise ValueError(f"dataset.flip: expected a bool, got {config.flip!r}")
   _positive_int(config, "max_gt")
   _positive_int(config, "eval_max_segments")
+  _validate_eval_resize(config)
   _positive_int(config, "worker_count", minimum=0)
   _positive_int(config, "worker_buffer_size")
   if config.name == "synthetic_shapes":
@@ -139,3 +176,50 @@ def validate_dataset_config(config) -> None:
     _positive_int(synthetic, "num_validation", "dataset.synthetic")
     _positive_int(synthetic, "max_instances", "dataset.synthetic")
     _positive_int(synthetic, "seed", "dataset.synthetic", minimum=0)
+
+
+def _validate_augmentation(config) -> None:
+  augmentation = _field(config, "augmentation")
+  if augmentation not in AUGMENTATIONS:
+    raise ValueError(f"dataset.augmentation: expected one of {AUGMENTATIONS}, got {augmentation!r}")
+  if augmentation != "short_side":
+    return
+  prefix = "dataset.short_side"
+  short_side = _field(config, "short_side")
+  sizes = _field(short_side, "sizes", prefix)
+  if (
+    isinstance(sizes, str | bytes)
+    or not sizes
+    or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes)
+  ):
+    raise ValueError(f"{prefix}.sizes: expected a non-empty tuple of positive ints, got {sizes!r}")
+  max_size = _positive_int(short_side, "max_size", prefix)
+  if max_size < max(sizes):
+    raise ValueError(
+      f"{prefix}.max_size: expected at least the largest short side {max(sizes)}, got {max_size}"
+    )
+  area = _field(short_side, "single_category_max_area", prefix)
+  if isinstance(area, bool) or not isinstance(area, int | float) or not 0 < area <= 1:
+    raise ValueError(
+      f"{prefix}.single_category_max_area: expected a number in (0, 1], got {area!r}"
+    )
+  _positive_int(short_side, "ignore_label", prefix, minimum=0)
+  if not isinstance(_field(short_side, "color_jitter", prefix), bool):
+    raise ValueError(f"{prefix}.color_jitter: expected a bool, got {short_side.color_jitter!r}")
+
+
+def _validate_eval_resize(config) -> None:
+  short = _positive_int(config, "eval_short_side", minimum=0)
+  longest = _positive_int(config, "eval_max_size", minimum=0)
+  if not short:
+    return
+  if longest < short:
+    raise ValueError(
+      f"dataset.eval_max_size: expected at least dataset.eval_short_side = {short}, got {longest}"
+    )
+  # A canvas narrower than the short side would shrink every image: surely a mistake.
+  if min(_size(config, "eval_size")) < short:
+    raise ValueError(
+      f"dataset.eval_size: {tuple(config.eval_size)} cannot hold the short side "
+      f"dataset.eval_short_side = {short}"
+    )

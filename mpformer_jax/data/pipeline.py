@@ -217,6 +217,11 @@ def create_train_loader(
   Returns:
     A `TrainIterator` of dicts with the module docstring's fields.
   """
+  if config.augmentation != "lsj":
+    raise NotImplementedError(
+      f"dataset.augmentation={config.augmentation!r} (ADE20K / Cityscapes) lands with the real "
+      "datasets"
+    )
   validate_dataset_config(config)
   meta = dataset_metadata(config)
   index, count = _processes(process_index, process_count)
@@ -375,6 +380,11 @@ def create_eval_loader(
     process_count: number of processes (default `jax.process_count()`).
     worker_count: grain worker processes (default `config.worker_count`).
   """
+  # Evaluating without the reference's test resize would silently change the metrics.
+  if config.eval_short_side:
+    raise NotImplementedError(
+      "dataset.eval_short_side (the reference's test resize) lands with the real datasets"
+    )
   validate_dataset_config(config)
   meta = dataset_metadata(config)
   index, count = _processes(process_index, process_count)

@@ -105,3 +105,12 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
   )
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
+  """The training state of checkpoint `step` (no input-pipeline state), onto its shardings."""
+  restored = manager.restore(
+    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+  )
+  logging.info("Restored checkpoint at step %d from %s", step, manager.directory)
+  return restored["state"]

@@ -45,6 +45,9 @@ class JsonLogWriter:
   def write_hparams(self, hparams: dict[str, Any]) -> None:
     del hparams
 
+  def write_images(self, step: int, images: dict[str, Any]) -> None:
+    del step, images  # pictures go to TensorBoard (and WORKDIR/overlays) only
+
   def flush(self) -> None:
     pass
 
@@ -63,6 +66,10 @@ class _MultiWriter:
   def write_hparams(self, hparams):
     for w in self._writers:
       w.write_hparams(hparams)
+
+  def write_images(self, step, images):
+    for w in self._writers:
+      w.write_images(step, images)
 
   def flush(self):
     for w in self._writers:
@@ -120,3 +127,51 @@ class ProgressReporter:
     self._writer.write_scalars(step, {"steps_per_sec": rate})
     logging.info("Step %d/%d: %.3g steps/s, ETA %.1f min", step, self._total, rate, eta_min)
     self._last = (step, now)
+
+
+class Profiler:
+  """Traces steps `[first_step, first_step + num_steps)` for TensorBoard's profile plugin.
+
+  CLU's `periodic_actions.Profile` when TensorFlow is installed, `jax.profiler` directly if
+  not; the trace goes to `logdir` (`WORKDIR/tensorboard`) either way. Only process 0 traces.
+  """
+
+  def __init__(self, logdir: str, first_step: int, num_steps: int):
+    self._logdir = logdir
+    self._first, self._num = first_step, num_steps
+    self._enabled = num_steps > 0 and jax.process_index() == 0
+    self._clu = None
+    self._running = False
+    if self._enabled and tensorflow_available():
+      from clu import periodic_actions
+
+      self._clu = periodic_actions.Profile(
+        logdir=logdir,
+        num_profile_steps=num_steps,
+        profile_duration_ms=None,
+        first_profile=first_step,
+        every_secs=None,
+      )
+
+  def __call__(self, step: int) -> None:
+    """Call after each step `step` (1-based) has been dispatched."""
+    if not self._enabled:
+      return
+    if self._clu is not None:
+      self._clu(step)
+      return
+    if step == self._first and not self._running:
+      jax.profiler.start_trace(self._logdir)
+      self._running = True
+    elif self._running and step >= self._first + self._num:
+      self.close()
+
+  def close(self) -> None:
+    """Ends a trace still running (training ended inside the traced window)."""
+    if self._clu is not None and getattr(self._clu, "_session_running", False):
+      from clu import profiler
+
+      self._clu._end_session(profiler.stop())  # noqa: SLF001 (CLU has no public stop)
+    elif self._running:
+      jax.profiler.stop_trace()
+      self._running = False

@@ -22,13 +22,13 @@ from mpformer_jax.data import pipeline
 from mpformer_jax.losses.criterion import LossConfig
 from mpformer_jax.targets import Targets
 from mpformer_jax.training import checkpointing, optimizer, reporting, sharding
+from mpformer_jax.training.evaluation_loop import Evaluation
+from mpformer_jax.training.monitors import CompileCounter, NonFiniteGuard, NonFiniteLossError
 from mpformer_jax.training.train_step import create_train_state, make_train_step
 
+__all__ = ["NonFiniteLossError", "train_and_evaluate", "validate_config"]
+
 TARGET_KEYS = ("segment_ids", "ids", "labels", "valid")
-
-
-class NonFiniteLossError(RuntimeError):
-  """Too many consecutive steps had a non-finite loss or gradient."""
 
 
 def validate_config(config) -> None:
@@ -50,6 +50,12 @@ def validate_config(config) -> None:
   if micro % config.loss.group_size:
     raise ValueError(
       f"loss.group_size={config.loss.group_size} must divide the micro-batch size {micro}"
+    )
+  pilot = config.model.mask_pilot
+  if pilot.enabled and pilot.group_size != config.loss.group_size:
+    raise ValueError(
+      f"model.mask_pilot.group_size={pilot.group_size} != loss.group_size="
+      f"{config.loss.group_size}: both are the reference's images per GPU"
     )
   if config.model.num_classes != config.dataset.num_classes:
     raise ValueError(
@@ -214,30 +220,32 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
 
     writer = reporting.create_writer(workdir)
     progress = reporting.ProgressReporter(t.total_steps, writer, t.log_every)
-    averages = None
-    nonfinite_in_a_row = 0
-    last_metrics: dict[str, float] = {}
-    step = start_step
-    for step in range(start_step + 1, last_step + 1):
-      batch = next(data_iter)
-      images, targets = _global_batch(batch, mesh)
-      state, metrics = train_step(state, images, targets)
+    profiler = reporting.Profiler(
+      os.path.join(workdir, "tensorboard"), t.profile_first_step, t.profile_steps
+    )
+    guard = NonFiniteGuard(t.max_nonfinite_steps)
+    ev = config.evaluation
+    evaluation = None
+    eval_results: dict[str, float] = {}
 
-      finite = bool(metrics["finite"])
-      nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
-      if not finite:
-        logging.warning("Step %d: non-finite loss or gradient, update skipped", step)
-        if nonfinite_in_a_row >= t.max_nonfinite_steps:
-          manager.wait_until_finished()
-          raise NonFiniteLossError(
-            f"{nonfinite_in_a_row} consecutive steps with a non-finite loss (last at step "
-            f"{step}); the last good checkpoint is step {manager.latest_step()} in "
-            f"{manager.directory}"
-          )
+    def run_evaluation(step: int) -> None:
+      nonlocal evaluation, eval_results
+      if evaluation is None:
+        evaluation = Evaluation(config, model, mesh, _variables_shardings(state_shardings), workdir)
+      eval_results = evaluation(_variables(state), step, writer)
+      write_results(workdir, {"step": step, **last_metrics, **eval_results})
+
+    averages = None
+    last_metrics: dict[str, float] = {}
+
+    def record(step: int, metrics: dict[str, jax.Array]) -> None:
+      """Host-side bookkeeping of step `step`; reading its metrics waits for it to finish."""
+      nonlocal averages, last_metrics
+      latest = manager.latest_step()
+      guard.update(step, bool(metrics["finite"]), f"step {latest} in {manager.directory}")
       collection = _metrics_collection(clu_metrics, metrics)
       update = collection.single_from_model_output(**metrics)
       averages = update if averages is None else averages.merge(update)
-      progress(step)
       if step % t.log_every == 0 or step == last_step:
         scalars = {f"train_{k}": v for k, v in averages.compute().items()}
         # Counted (and warned about) by the iterator, since this process started.
@@ -245,11 +253,46 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
         writer.write_scalars(step, scalars)
         last_metrics = {k: float(v) for k, v in scalars.items()}
         averages = None
-      checkpointing.save(manager, step, state, data_iter, force=step == t.total_steps)
-      if manager.reached_preemption(step):
-        logging.warning("Preemption signal at step %d: saving and exiting", step)
-        checkpointing.save(manager, step, state, data_iter, force=True)
-        break
+
+    # The metrics of step s are read after step s + 1 is dispatched, so the host never waits
+    # for the device between steps (checkpoints hold the state and only the state).
+    pending = None
+    step = start_step
+    compiled_by_first_step = None
+    with CompileCounter() as compiles:
+      try:
+        for step in range(start_step + 1, last_step + 1):
+          batch = next(data_iter)
+          images, targets = _global_batch(batch, mesh)
+          state, metrics = train_step(state, images, targets)  # compiles (if at all) here
+          if compiled_by_first_step is None:
+            compiled_by_first_step = compiles.counts["train_step"]
+          if pending is not None:
+            record(*pending)
+          pending = (step, metrics)
+          progress(step)
+          profiler(step)
+          checkpointing.save(manager, step, state, data_iter, force=step == t.total_steps)
+          if ev.every_steps and step % ev.every_steps == 0 and step != t.total_steps:
+            record(*pending)  # the log line of this step comes before its evaluation
+            pending = None
+            run_evaluation(step)
+          if manager.reached_preemption(step):
+            logging.warning("Preemption signal at step %d: saving and exiting", step)
+            checkpointing.save(manager, step, state, data_iter, force=True)
+            break
+        if pending is not None:
+          record(*pending)
+        if ev.at_end and step == t.total_steps and step > start_step:
+          run_evaluation(step)
+      except NonFiniteLossError:
+        manager.wait_until_finished()
+        raise
+      finally:
+        profiler.close()
+    recompiles = compiles.counts["train_step"] - (compiled_by_first_step or 0)
+    if recompiles:
+      logging.warning("The train step recompiled %d times after its first step", recompiles)
     if restored is not None and start_step >= t.total_steps:
       logging.info("Nothing to do: the checkpoint is at step %d >= total_steps", start_step)
     manager.wait_until_finished()
@@ -257,9 +300,69 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
     writer.flush()
     writer.close()
 
-  results = {"step": int(step), **last_metrics}
+  results = {"step": int(step), **last_metrics, **eval_results}
   write_results(workdir, results)
-  return {"state": state, **results}
+  return {
+    "state": state,
+    "skipped_steps_this_run": guard.total,
+    "train_step_compiles": compiles.counts["train_step"],
+    "train_step_recompiles": recompiles,
+    **results,
+  }
+
+
+def _variables(state) -> dict[str, Any]:
+  """The model variables of a training state (what `model.apply` takes)."""
+  return {"params": state.params, **state.model_state}
+
+
+def _variables_shardings(state_shardings) -> dict[str, Any]:
+  return {"params": state_shardings.params, **state_shardings.model_state}
+
+
+def evaluate_checkpoint(config, workdir: str) -> dict[str, Any]:
+  """`--mode eval`: restores a checkpoint of `workdir` and evaluates it.
+
+  The checkpoint is `config.evaluation.checkpoint_step`, or the newest when it is -1. The
+  metrics go to the writers and to `WORKDIR/results.json` (with `"step"`).
+
+  Raises:
+    FileNotFoundError: when the checkpoint does not exist.
+  """
+  mesh = sharding.create_mesh(config.mesh.fsdp)
+  model = models.build_model(config.model)
+  image_shape = tuple(config.dataset.crop_size)
+  abstract_vars = jax.eval_shape(
+    lambda r: _init_variables(model, image_shape, r), jax.random.PRNGKey(0)
+  )
+  tx = optimizer.create_optimizer(
+    config.optimizer, config.training.total_steps, abstract_vars["params"]
+  )
+  abstract_state = jax.eval_shape(
+    lambda v, r: create_train_state(v, tx, r), abstract_vars, jax.random.PRNGKey(0)
+  )
+  state_shardings = sharding.state_shardings(mesh, abstract_state)
+  directory = os.path.join(workdir, "checkpoints")
+  manager = checkpointing.create_manager(directory, save_every=1, keep=1000, with_data=False)
+  step = config.evaluation.checkpoint_step
+  step = manager.latest_step() if step < 0 else step
+  if step is None or step not in manager.all_steps():
+    raise FileNotFoundError(
+      f"evaluation.checkpoint_step={config.evaluation.checkpoint_step}: no such checkpoint in "
+      f"{directory} (have: {sorted(manager.all_steps())})"
+    )
+  with jax.set_mesh(mesh):
+    state = checkpointing.restore(
+      manager, step, checkpointing.abstract_with_shardings(abstract_state, state_shardings)
+    )
+  manager.close()
+  writer = reporting.create_writer(workdir)
+  evaluation = Evaluation(config, model, mesh, _variables_shardings(state_shardings), workdir)
+  results = {"step": int(step), **evaluation(_variables(state), step, writer)}
+  writer.flush()
+  writer.close()
+  write_results(workdir, results)
+  return results
 
 
 def _metrics_collection(clu_metrics, metrics: dict[str, jax.Array]):

@@ -1,0 +1,314 @@
+"""Evaluation of a model over a split: PQ, mIoU and mask AP, on any number of processes.
+
+The network and the post-processing run in one jitted, batch-sharded step with fixed shapes;
+the metrics accumulate on the host, image by image, from each process's own examples, and are
+gathered once at the end. Which metrics depend on the task, as in detectron2's evaluators for
+Mask2Former: panoptic -> PQ, mIoU and AP; instance -> AP; semantic -> mIoU. Values are in
+percent.
+
+Resolution: predictions are compared with the ground truth the eval loader provides, i.e. at the
+size of the image inside the padded `dataset.eval_size` canvas (`resized_size`). That is the
+original size unless an image is larger than the canvas (never for `synthetic_shapes`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from mpformer_jax.data.metadata import DatasetMetadata
+from mpformer_jax.evaluation import postprocess
+from mpformer_jax.evaluation.instance import InstanceEvaluator
+from mpformer_jax.evaluation.panoptic import PanopticQuality
+from mpformer_jax.evaluation.semantic import semantic_metrics
+
+IGNORE_LABEL = 255
+INPUT_KEYS = ("image", "resized_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  """Post-processing settings (`config.evaluation`; spec section 5).
+
+  Attributes:
+    object_mask_threshold: panoptic: minimum class score of a kept query (0.8).
+    overlap_threshold: panoptic: minimum visible share of a query's mask (0.8).
+    top_k: instance results per image (`TEST.DETECTIONS_PER_IMAGE`, 100).
+  """
+
+  object_mask_threshold: float = 0.8
+  overlap_threshold: float = 0.8
+  top_k: int = 100
+
+  @classmethod
+  def from_config(cls, config) -> EvalSettings:
+    return cls(
+      object_mask_threshold=float(config.object_mask_threshold),
+      overlap_threshold=float(config.overlap_threshold),
+      top_k=int(config.top_k),
+    )
+
+
+def metrics_for_task(task: str) -> tuple[str, ...]:
+  return {
+    "panoptic": ("panoptic", "semantic", "instance"),
+    "instance": ("instance",),
+    "semantic": ("semantic",),
+  }[task]
+
+
+def make_predict_fn(
+  model, meta: DatasetMetadata, settings: EvalSettings
+) -> Callable[[Any, jax.Array, jax.Array], dict[str, Any]]:
+  """`predict(variables, images [B, H, W, 3], resized_size int[B, 2]) -> outputs` (jit-able).
+
+  Outputs (all at the padded input size `H, W`; pixels outside `resized_size` are void / 0):
+  `semantic` int32 `[B, H, W]`; for panoptic `panoptic` (`PanopticOutput` fields); for
+  panoptic and instance `instance` (`InstanceOutput` fields, `top_k` results).
+  """
+  kinds = metrics_for_task(meta.task)
+  isthing = np.asarray(meta.label_isthing, bool)
+  num_classes = meta.num_classes
+
+  def predict(variables, images, resized_size):
+    out = model.apply(variables, images, train=False)
+    h, w = images.shape[1:3]
+    logits = out["pred_logits"]
+    masks = postprocess.upsample_masks(out["pred_masks"], (h, w))
+    valid = (jnp.arange(h)[None, :, None] < resized_size[:, 0, None, None]) & (
+      jnp.arange(w)[None, None, :] < resized_size[:, 1, None, None]
+    )
+    result = {"semantic": postprocess.semantic_segmentation(logits, masks)}
+    if "panoptic" in kinds:
+      result["panoptic"] = postprocess.panoptic_inference(
+        logits,
+        masks,
+        jnp.asarray(isthing),
+        object_mask_threshold=settings.object_mask_threshold,
+        overlap_threshold=settings.overlap_threshold,
+        valid_pixels=valid,
+      )._asdict()
+    if "instance" in kinds:
+      result["instance"] = postprocess.instance_inference(
+        logits,
+        masks,
+        num_classes,
+        top_k=settings.top_k,
+        thing_only_labels=jnp.asarray(isthing) if meta.task == "panoptic" else None,
+        valid_pixels=valid,
+      )._asdict()
+    return result
+
+  return predict
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in global order."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  shards = {}
+  for shard in x.addressable_shards:
+    start = shard.index[0].start or 0
+    shards.setdefault(start, np.asarray(shard.data))  # replicas of a row block are identical
+  return np.concatenate([shards[k] for k in sorted(shards)])
+
+
+def _allgather_objects(obj: Any) -> list[Any]:
+  """Every process's `obj` (picklable), in process order; one collective round."""
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils
+
+  data = np.frombuffer(pickle.dumps(obj), np.uint8)
+  sizes = multihost_utils.process_allgather(np.array([data.size], np.int64))
+  padded = np.zeros(int(np.max(sizes)), np.uint8)
+  padded[: data.size] = data
+  gathered = multihost_utils.process_allgather(padded)
+  return [pickle.loads(gathered[i, : int(sizes[i, 0])].tobytes()) for i in range(len(sizes))]
+
+
+def gt_segments(batch: dict[str, np.ndarray], i: int, meta: DatasetMetadata) -> list[dict]:
+  """Ground-truth segments `{"id", "category_id", "iscrowd", "label"}` of example `i`."""
+  category_of = meta.label_category_ids
+  segments = []
+  for s in np.flatnonzero(batch["gt_valid"][i]):
+    label = int(batch["gt_labels"][i, s])
+    if label < 0:  # a category outside the task's label space (stuff in the instance task)
+      continue
+    segments.append(
+      {
+        "id": int(batch["gt_ids"][i, s]),
+        "category_id": int(category_of[label]),
+        "iscrowd": int(batch["gt_iscrowd"][i, s]),
+        "label": label,
+      }
+    )
+  return segments
+
+
+def semantic_ground_truth(pan_map: np.ndarray, segments: list[dict]) -> np.ndarray:
+  """int32 `[H, W]` training labels of a panoptic map; void and unlisted ids are ignored (255).
+
+  Crowd regions keep their class, as in detectron2's semantic ground truth of COCO panoptic.
+  """
+  ids = np.array([s["id"] for s in segments], np.int64)
+  labels = np.array([s["label"] for s in segments], np.int32)
+  order = np.argsort(ids)
+  ids, labels = ids[order], labels[order]
+  pos = np.clip(np.searchsorted(ids, pan_map), 0, max(len(ids) - 1, 0))
+  found = (ids[pos] == pan_map) if len(ids) else np.zeros(pan_map.shape, bool)
+  return np.where(found & (pan_map > 0), labels[pos] if len(ids) else 0, IGNORE_LABEL).astype(
+    np.int32
+  )
+
+
+class MetricsAccumulator:
+  """Host-side metrics of one evaluation pass (this process's images), gathered by `compute`."""
+
+  def __init__(self, meta: DatasetMetadata):
+    self.meta = meta
+    self.kinds = metrics_for_task(meta.task)
+    self.num_images = 0
+    self.pq = PanopticQuality(meta.categories) if "panoptic" in self.kinds else None
+    k = meta.num_classes
+    self.confusion = np.zeros((k, k), np.int64) if "semantic" in self.kinds else None
+    names = {c["id"]: c["name"] for c in meta.categories}
+    self.instances = (
+      InstanceEvaluator(meta.thing_category_ids, meta.label_category_ids, names)
+      if "instance" in self.kinds
+      else None
+    )
+
+  def add_batch(self, batch: dict[str, np.ndarray], outputs: dict[str, Any]) -> None:
+    """Adds the real examples of one local batch (`outputs`: host arrays of `predict`)."""
+    meta = self.meta
+    for i in np.flatnonzero(batch["is_real"]):
+      h, w = (int(v) for v in batch["resized_size"][i])
+      gt_map = batch["panoptic"][i, :h, :w]
+      segments = gt_segments(batch, i, meta)
+      if self.pq is not None:
+        p = outputs["panoptic"]
+        pred_map, pred_segments = postprocess.panoptic_segments_info(
+          p["segment_map"][i],
+          p["segment_labels"][i],
+          p["segment_scores"][i],
+          meta.label_isthing,
+          meta.label_category_ids,
+          image_size=(h, w),
+        )
+        self.pq.update(gt_map, segments, pred_map, pred_segments)
+      if self.confusion is not None:
+        gt = semantic_ground_truth(gt_map, segments)
+        pred = outputs["semantic"][i, :h, :w]
+        keep = gt != IGNORE_LABEL
+        k = meta.num_classes
+        self.confusion += np.bincount(
+          gt[keep].astype(np.int64) * k + pred[keep], minlength=k * k
+        ).reshape(k, k)
+      if self.instances is not None:
+        inst = outputs["instance"]
+        keep = inst["valid"][i]
+        self.instances.add(
+          int(batch["image_id"][i]) if "image_id" in batch else int(batch["index"][i]),
+          gt_map,
+          [s for s in segments if s["category_id"] in meta.thing_category_ids],
+          inst["masks"][i][keep][:, :h, :w],
+          inst["scores"][i][keep],
+          inst["labels"][i][keep],
+        )
+      self.num_images += 1
+
+  def compute(self) -> dict[str, float]:
+    """Gathers every process's state and returns the flat metrics (percent)."""
+    state = {
+      "num_images": self.num_images,
+      "pq": self.pq,
+      "confusion": self.confusion,
+      "instances": None if self.instances is None else self.instances.state(),
+    }
+    states = _allgather_objects(state)
+    results: dict[str, float] = {"num_images": float(sum(s["num_images"] for s in states))}
+    if self.pq is not None:
+      pq = PanopticQuality(self.meta.categories)
+      for s in states:
+        pq.merge(s["pq"])
+      summary = pq.compute()
+      for group, prefix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
+        for key in ("pq", "sq", "rq"):
+          results[f"{key.upper()}{prefix}"] = 100.0 * float(summary[group][key])
+    if self.confusion is not None:
+      confusion = sum(s["confusion"] for s in states)
+      sem = semantic_metrics(confusion, self.meta.label_names)
+      results.update({k: float(sem[k]) for k in ("mIoU", "fwIoU", "mACC", "pACC")})
+    if self.instances is not None:
+      merged = InstanceEvaluator(
+        self.meta.thing_category_ids,
+        self.meta.label_category_ids,
+        {c["id"]: c["name"] for c in self.meta.categories},
+      )
+      for s in states:
+        merged.merge(s["instances"])
+      ap = merged.compute()
+      results.update({k: float(ap[k]) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")})
+    return results
+
+
+def evaluate(
+  predict_fn: Callable,
+  variables: Any,
+  batches: Iterable[dict[str, np.ndarray]],
+  meta: DatasetMetadata,
+  to_device: Callable[[dict[str, np.ndarray]], dict[str, jax.Array]],
+  on_batch: Callable[[dict[str, np.ndarray], dict[str, Any]], None] | None = None,
+) -> dict[str, float]:
+  """One pass over `batches`: predictions on device, metrics on the host.
+
+  Args:
+    predict_fn: the jitted `make_predict_fn` result.
+    variables: model variables (`{"params", "batch_stats"?}`), placed for `predict_fn`.
+    batches: this process's eval batches (`create_eval_loader`).
+    meta: the dataset's metadata.
+    to_device: this process's `{"image", "resized_size"}` -> global sharded arrays.
+    on_batch: optional callback with each local batch and its host outputs (overlays, export).
+
+  Returns:
+    Flat metrics in percent, plus `num_images`, `eval_seconds` and `images_per_sec`.
+  """
+  accumulator = MetricsAccumulator(meta)
+  start = time.perf_counter()
+  pending = None
+  for batch in batches:
+    inputs = to_device({k: batch[k] for k in INPUT_KEYS})
+    outputs = predict_fn(variables, inputs["image"], inputs["resized_size"])
+    # Host work on batch n overlaps the device's work on batch n + 1.
+    if pending is not None:
+      _consume(accumulator, *pending, on_batch)
+    pending = (batch, outputs)
+  if pending is not None:
+    _consume(accumulator, *pending, on_batch)
+  results = accumulator.compute()
+  seconds = time.perf_counter() - start
+  results["eval_seconds"] = seconds
+  results["images_per_sec"] = results["num_images"] / max(seconds, 1e-9)
+  logging.info(
+    "Evaluated %d images in %.1f s: %s",
+    int(results["num_images"]),
+    seconds,
+    ", ".join(f"{k}={v:.2f}" for k, v in results.items() if k not in ("num_images",)),
+  )
+  return results
+
+
+def _consume(accumulator, batch, outputs, on_batch) -> None:
+  host = jax.tree.map(local_rows, outputs)
+  accumulator.add_batch(batch, host)
+  if on_batch is not None:
+    on_batch(batch, host)
