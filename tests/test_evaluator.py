@@ -66,11 +66,23 @@ def outputs_from_ground_truth(batch, meta, drop_label=None):
   }
 
 
+def add(accumulator, batch, outputs, meta):
+  """What `evaluator.evaluate` does with one batch, given host "predictions"."""
+  from mpformer_jax.evaluation.semantic import ConfusionMatrix
+
+  metric = ConfusionMatrix.configure(meta.num_classes, evaluator.IGNORE_LABEL, meta.label_names)
+  gt = evaluator.batch_semantic_ground_truth(batch, meta)
+  accumulator.add_confusion(
+    metric.from_model_output(sem_seg_pred=outputs["semantic"], sem_seg_gt=gt)
+  )
+  accumulator.add_batch(batch, outputs)
+
+
 def test_ground_truth_as_prediction_scores_100(eval_data):
   meta, batches = eval_data
   accumulator = evaluator.MetricsAccumulator(meta)
   for batch in batches:
-    accumulator.add_batch(batch, outputs_from_ground_truth(batch, meta))
+    add(accumulator, batch, outputs_from_ground_truth(batch, meta), meta)
   results = accumulator.compute()
   assert results["num_images"] == 6  # the padded examples of the last batch are not counted
   for key in ("PQ", "SQ", "RQ", "mIoU", "pACC", "AP", "AP50", "AP75"):
@@ -86,7 +98,7 @@ def test_a_missing_class_lowers_pq_and_miou_as_computed_independently(eval_data)
   confusion = np.zeros((meta.num_classes,) * 2, np.int64)
   for batch in batches:
     outputs = outputs_from_ground_truth(batch, meta, drop_label=dropped)
-    accumulator.add_batch(batch, outputs)
+    add(accumulator, batch, outputs, meta)
     for i in np.flatnonzero(batch["is_real"]):
       segments = evaluator.gt_segments(batch, i, meta)
       gt_pairs.append((batch["panoptic"][i], segments))

@@ -144,7 +144,7 @@ def one_device_settings(tmp_path_factory):
   return {"loss.matcher": "optax", "evaluation.at_end": False}, env
 
 
-STEPS = 4
+STEPS = 6
 
 
 @pytest.fixture(scope="module")
@@ -208,28 +208,51 @@ def test_resume_is_exact(tmp_path, data_dir, straight_run):
   assert steps == list(range(1, STEPS + 1))
 
 
-def test_kill_9_on_one_device_loses_only_that_save_and_matches_8_devices(
+def _checkpoint_steps(workdir) -> set[int]:
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return set()
+  return {int(p) for p in os.listdir(directory) if p.isdigit()}
+
+
+def _run_until_new_checkpoint(workdir, data_dir, extra, env, after: set[int]):
+  """Starts `main.py` on 1 device; returns it once it has written a checkpoint not in `after`."""
+  proc = run_main(workdir, data_dir, extra, devices=1, env_extra=env, wait=False)
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    if _checkpoint_steps(workdir) - after:
+      break
+    time.sleep(0.02)
+  assert proc.poll() is None, proc.communicate()[0][-3000:]
+  return proc
+
+
+def test_preemption_and_kill_9_on_one_device_lose_nothing_and_match_8_devices(
   tmp_path, data_dir, straight_run, one_device_settings
 ):
-  """`main.py` on 1 device, killed with SIGKILL while saving every step, then restarted.
+  """`main.py` on 1 device, saving every step: SIGTERM, restart, SIGKILL, restart.
 
-  The restarted run resumes from the newest complete checkpoint, and its final parameters
-  equal those of the uninterrupted 8-device run (same global batches).
+  SIGTERM (a preemption) saves and exits cleanly; SIGKILL loses at most the save in flight. The
+  last run resumes from the newest complete checkpoint, and its final parameters equal those of
+  the uninterrupted 8-device run (same global batches).
   """
   straight_dir, _ = straight_run
   settings, env = one_device_settings
   extra = {**settings, "training.total_steps": STEPS, "training.checkpoint_every": 1}
-  proc = run_main(tmp_path, data_dir, extra, devices=1, env_extra=env, wait=False)
-  checkpoints = tmp_path / "checkpoints"
-  deadline = time.time() + 600
-  while time.time() < deadline and proc.poll() is None:
-    done = [p for p in glob.glob(str(checkpoints / "*")) if os.path.basename(p).isdigit()]
-    if len(done) >= 2:
-      break
-    time.sleep(0.02)
-  assert proc.poll() is None, proc.communicate()[0][-3000:]
+
+  proc = _run_until_new_checkpoint(tmp_path, data_dir, extra, env, after=set())
+  proc.send_signal(signal.SIGTERM)
+  out = proc.communicate(timeout=600)[0]
+  assert proc.returncode == 0, out[-3000:]
+  assert "Preemption signal at step" in out, out[-3000:]
+  preempted = _checkpoint_steps(tmp_path)
+  assert preempted and max(preempted) < STEPS, preempted
+
+  proc = _run_until_new_checkpoint(tmp_path, data_dir, extra, env, after=preempted)
   proc.send_signal(signal.SIGKILL)
-  proc.communicate()
+  out = proc.communicate()[0]
+  assert f"Restored checkpoint at step {max(preempted)}" in out, out[-3000:]
+
   out = run_main(tmp_path, data_dir, extra, devices=1, env_extra=env)
   assert "Restored checkpoint at step" in out, out[-3000:]
   params, step = saved_params(tmp_path)

@@ -6,6 +6,9 @@ gathered once at the end. Which metrics depend on the task, as in detectron2's e
 Mask2Former: panoptic -> PQ, mIoU and AP; instance -> AP; semantic -> mIoU. Values are in
 percent.
 
+The semantic confusion matrix is a CLU metric (`evaluation.semantic.ConfusionMatrix`) computed
+inside the jitted step over the global batch and merged on device, so it needs no gathering.
+
 Resolution: predictions are compared with the ground truth the eval loader provides, i.e. at the
 size of the image inside the padded `dataset.eval_size` canvas (`resized_size`). That is the
 original size unless an image is larger than the canvas (never for `synthetic_shapes`).
@@ -31,7 +34,7 @@ from mpformer_jax.evaluation.panoptic import PanopticQuality
 from mpformer_jax.evaluation.semantic import semantic_metrics
 
 IGNORE_LABEL = 255
-INPUT_KEYS = ("image", "resized_size")
+INPUT_KEYS = ("image", "resized_size", "semantic_gt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,17 +71,27 @@ def metrics_for_task(task: str) -> tuple[str, ...]:
 def make_predict_fn(
   model, meta: DatasetMetadata, settings: EvalSettings
 ) -> Callable[[Any, jax.Array, jax.Array], dict[str, Any]]:
-  """`predict(variables, images [B, H, W, 3], resized_size int[B, 2]) -> outputs` (jit-able).
+  """`predict(variables, images, resized_size, semantic_gt) -> outputs` (jit-able).
 
-  Outputs (all at the padded input size `H, W`; pixels outside `resized_size` are void / 0):
-  `semantic` int32 `[B, H, W]`; for panoptic `panoptic` (`PanopticOutput` fields); for
+  Args of `predict`: `images` float32 `[B, H, W, 3]`; `resized_size` int32 `[B, 2]` (the image
+  inside the padded canvas); `semantic_gt` int32 `[B, H, W]` training labels, `IGNORE_LABEL`
+  where unlabeled (padding included).
+
+  Outputs (at the padded input size `H, W`; pixels outside `resized_size` are void / 0):
+  `semantic` int32 `[B, H, W]`; for the semantic metrics `confusion`, the batch's
+  `ConfusionMatrix` CLU metric; for panoptic `panoptic` (`PanopticOutput` fields); for
   panoptic and instance `instance` (`InstanceOutput` fields, `top_k` results).
   """
   kinds = metrics_for_task(meta.task)
   isthing = np.asarray(meta.label_isthing, bool)
   num_classes = meta.num_classes
+  confusion_metric = None
+  if "semantic" in kinds:
+    from mpformer_jax.evaluation.semantic import ConfusionMatrix
 
-  def predict(variables, images, resized_size):
+    confusion_metric = ConfusionMatrix.configure(num_classes, IGNORE_LABEL, meta.label_names)
+
+  def predict(variables, images, resized_size, semantic_gt):
     out = model.apply(variables, images, train=False)
     h, w = images.shape[1:3]
     logits = out["pred_logits"]
@@ -87,6 +100,10 @@ def make_predict_fn(
       jnp.arange(w)[None, None, :] < resized_size[:, 1, None, None]
     )
     result = {"semantic": postprocess.semantic_segmentation(logits, masks)}
+    if confusion_metric is not None:
+      result["confusion"] = confusion_metric.from_model_output(
+        sem_seg_pred=result["semantic"], sem_seg_gt=semantic_gt, mask=valid
+      )
     if "panoptic" in kinds:
       result["panoptic"] = postprocess.panoptic_inference(
         logits,
@@ -114,6 +131,8 @@ def local_rows(x: jax.Array) -> np.ndarray:
   """This process's rows of a batch-sharded global array, in global order."""
   if jax.process_count() == 1:
     return np.asarray(x)
+  if x.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
   shards = {}
   for shard in x.addressable_shards:
     start = shard.index[0].start or 0
@@ -170,6 +189,14 @@ def semantic_ground_truth(pan_map: np.ndarray, segments: list[dict]) -> np.ndarr
   )
 
 
+def batch_semantic_ground_truth(batch: dict[str, np.ndarray], meta) -> np.ndarray:
+  """int32 `[b, H, W]` semantic labels of a local eval batch (padding examples: all ignored)."""
+  out = np.full(batch["panoptic"].shape, IGNORE_LABEL, np.int32)
+  for i in np.flatnonzero(batch["is_real"]):
+    out[i] = semantic_ground_truth(batch["panoptic"][i], gt_segments(batch, i, meta))
+  return out
+
+
 class MetricsAccumulator:
   """Host-side metrics of one evaluation pass (this process's images), gathered by `compute`."""
 
@@ -178,14 +205,17 @@ class MetricsAccumulator:
     self.kinds = metrics_for_task(meta.task)
     self.num_images = 0
     self.pq = PanopticQuality(meta.categories) if "panoptic" in self.kinds else None
-    k = meta.num_classes
-    self.confusion = np.zeros((k, k), np.int64) if "semantic" in self.kinds else None
+    self.confusion = None  # the merged `ConfusionMatrix` (global batches: not gathered)
     names = {c["id"]: c["name"] for c in meta.categories}
     self.instances = (
       InstanceEvaluator(meta.thing_category_ids, meta.label_category_ids, names)
       if "instance" in self.kinds
       else None
     )
+
+  def add_confusion(self, confusion) -> None:
+    """Merges one global batch's `ConfusionMatrix` (device arrays: merged on device)."""
+    self.confusion = confusion if self.confusion is None else self.confusion.merge(confusion)
 
   def add_batch(self, batch: dict[str, np.ndarray], outputs: dict[str, Any]) -> None:
     """Adds the real examples of one local batch (`outputs`: host arrays of `predict`)."""
@@ -205,14 +235,6 @@ class MetricsAccumulator:
           image_size=(h, w),
         )
         self.pq.update(gt_map, segments, pred_map, pred_segments)
-      if self.confusion is not None:
-        gt = semantic_ground_truth(gt_map, segments)
-        pred = outputs["semantic"][i, :h, :w]
-        keep = gt != IGNORE_LABEL
-        k = meta.num_classes
-        self.confusion += np.bincount(
-          gt[keep].astype(np.int64) * k + pred[keep], minlength=k * k
-        ).reshape(k, k)
       if self.instances is not None:
         inst = outputs["instance"]
         keep = inst["valid"][i]
@@ -231,7 +253,6 @@ class MetricsAccumulator:
     state = {
       "num_images": self.num_images,
       "pq": self.pq,
-      "confusion": self.confusion,
       "instances": None if self.instances is None else self.instances.state(),
     }
     states = _allgather_objects(state)
@@ -244,8 +265,12 @@ class MetricsAccumulator:
       for group, prefix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
         for key in ("pq", "sq", "rq"):
           results[f"{key.upper()}{prefix}"] = 100.0 * float(summary[group][key])
-    if self.confusion is not None:
-      confusion = sum(s["confusion"] for s in states)
+    if "semantic" in self.kinds:
+      k = self.meta.num_classes
+      # Each batch's matrix already covers every process's images.
+      confusion = (
+        np.zeros((k, k), np.int64) if self.confusion is None else self.confusion.confusion()
+      )
       sem = semantic_metrics(confusion, self.meta.label_names)
       results.update({k: float(sem[k]) for k in ("mIoU", "fwIoU", "mACC", "pACC")})
     if self.instances is not None:
@@ -286,8 +311,11 @@ def evaluate(
   start = time.perf_counter()
   pending = None
   for batch in batches:
+    batch = {**batch, "semantic_gt": batch_semantic_ground_truth(batch, meta)}
     inputs = to_device({k: batch[k] for k in INPUT_KEYS})
-    outputs = predict_fn(variables, inputs["image"], inputs["resized_size"])
+    outputs = predict_fn(variables, inputs["image"], inputs["resized_size"], inputs["semantic_gt"])
+    if "confusion" in outputs:
+      accumulator.add_confusion(outputs.pop("confusion"))
     # Host work on batch n overlaps the device's work on batch n + 1.
     if pending is not None:
       _consume(accumulator, *pending, on_batch)

@@ -48,8 +48,9 @@ class Evaluation:
         model, self.meta, evaluator.EvalSettings.from_config(config.evaluation)
       )
       batch = sharding.batch_sharding(mesh)
+      # Outputs keep the batch sharding XLA propagates; the confusion matrix is a global sum.
       _PREDICT_CACHE[key] = jax.jit(
-        predict, in_shardings=(variables_shardings, batch, batch), out_shardings=batch
+        predict, in_shardings=(variables_shardings, batch, batch, batch)
       )
     self._predict = _PREDICT_CACHE[key]
 

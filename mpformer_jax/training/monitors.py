@@ -1,4 +1,4 @@
-"""Watchdogs of the training loop: non-finite steps and recompilations.
+"""Watchdogs of the training loop: non-finite steps, recompilations, preemption.
 
 Both are plain Python (no TensorFlow or CLU), so they run on every machine.
 """
@@ -6,6 +6,8 @@ Both are plain Python (no TensorFlow or CLU), so they run on every machine.
 from __future__ import annotations
 
 import collections
+import signal
+import threading
 
 import jax
 from absl import logging
@@ -77,3 +79,37 @@ class CompileCounter:
 
   def __exit__(self, *exc) -> None:
     jax.monitoring.unregister_event_duration_listener(self._listener)
+
+
+class PreemptionWatch:
+  """Tells the loop to save and stop when the job is asked to end (SIGTERM).
+
+  With several processes, jax's preemption sync point (through the Orbax manager) makes every
+  process stop after the same step. A single process has no such service, so a SIGTERM handler
+  sets a flag that the loop reads after each step. Use as a context manager (restores the
+  previous handler on exit).
+  """
+
+  def __init__(self, manager):
+    self._manager = manager
+    self._signalled = False
+    self._previous = None
+
+  def _handler(self, signum, frame) -> None:
+    del signum, frame
+    self._signalled = True
+
+  def __enter__(self) -> PreemptionWatch:
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return self._manager.reached_preemption(step)
+    return self._signalled

@@ -23,7 +23,12 @@ from mpformer_jax.losses.criterion import LossConfig
 from mpformer_jax.targets import Targets
 from mpformer_jax.training import checkpointing, optimizer, reporting, sharding
 from mpformer_jax.training.evaluation_loop import Evaluation
-from mpformer_jax.training.monitors import CompileCounter, NonFiniteGuard, NonFiniteLossError
+from mpformer_jax.training.monitors import (
+  CompileCounter,
+  NonFiniteGuard,
+  NonFiniteLossError,
+  PreemptionWatch,
+)
 from mpformer_jax.training.train_step import create_train_state, make_train_step
 
 __all__ = ["NonFiniteLossError", "train_and_evaluate", "validate_config"]
@@ -259,7 +264,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
     pending = None
     step = start_step
     compiled_by_first_step = None
-    with CompileCounter() as compiles:
+    with CompileCounter() as compiles, PreemptionWatch(manager) as preemption:
       try:
         for step in range(start_step + 1, last_step + 1):
           batch = next(data_iter)
@@ -272,14 +277,16 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
           pending = (step, metrics)
           progress(step)
           profiler(step)
-          checkpointing.save(manager, step, state, data_iter, force=step == t.total_steps)
+          # Always at the last step of this call (the end of training, or `stop_after`).
+          checkpointing.save(manager, step, state, data_iter, force=step == last_step)
           if ev.every_steps and step % ev.every_steps == 0 and step != t.total_steps:
             record(*pending)  # the log line of this step comes before its evaluation
             pending = None
             run_evaluation(step)
-          if manager.reached_preemption(step):
+          if preemption.reached(step):
             logging.warning("Preemption signal at step %d: saving and exiting", step)
-            checkpointing.save(manager, step, state, data_iter, force=True)
+            if step not in manager.all_steps():  # not saved by the periodic save just above
+              checkpointing.save(manager, step, state, data_iter, force=True)
             break
         if pending is not None:
           record(*pending)
