@@ -139,6 +139,7 @@ def _mp_model(label_noise_ratio=0.2):
   return config, models.build_model(config)
 
 
+@pytest.mark.slow  # ~90 s of compiling on 2 cores; kept out of the 30-minute CI
 def test_mask_pilot_absent_at_inference_and_gradients_reach_label_embedding():
   config, model = _mp_model(label_noise_ratio=0.0)
   variables = random_variables(model, (64, 64))

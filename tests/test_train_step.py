@@ -83,6 +83,7 @@ def test_non_finite_guard_stops_after_max_in_a_row():
     NonFiniteGuard(0)
 
 
+@pytest.mark.slow  # ~90 s of compiling on 2 cores; kept out of the 30-minute CI
 def test_gradient_accumulation_averages_the_micro_batch_gradients(step_setup):
   """2 micro-batches == the mean of the gradients of each (its own GT normaliser and RNG)."""
   from mpformer_jax.training.objective import make_loss_fn
