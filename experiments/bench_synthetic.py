@@ -28,8 +28,7 @@ import numpy as np  # noqa: E402
 
 from configs import synthetic  # noqa: E402
 from mpformer_jax.training import trainer  # noqa: E402
-
-_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+from mpformer_jax.training.monitors import CompileCounter  # noqa: E402
 
 
 def _set(config, assignment: str) -> None:
@@ -58,16 +57,9 @@ def main():
     _set(config, assignment)
   shutil.rmtree(args.workdir, ignore_errors=True)
 
-  compile_seconds: dict[str, float] = {}
-
-  def listener(event, duration, **kwargs):
-    if event == _COMPILE_EVENT:
-      name = str(kwargs.get("fun_name", "?"))
-      compile_seconds[name] = compile_seconds.get(name, 0.0) + duration
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
   start = time.perf_counter()
-  result = trainer.train_and_evaluate(config, args.workdir)
+  with CompileCounter() as compiles:
+    result = trainer.train_and_evaluate(config, args.workdir)
   wall = time.perf_counter() - start
   # A second evaluation of the final checkpoint reuses the compiled prediction step, so its
   # rate is the steady one (the first includes compiling).
@@ -94,8 +86,8 @@ def main():
       "crop_size": list(config.dataset.crop_size),
       "overrides": args.set,
     },
-    "train_step_compile_s": round(compile_seconds.get("jit(train_step)", float("nan")), 1),
-    "predict_compile_s": round(compile_seconds.get("jit(predict)", float("nan")), 1),
+    "train_step_compile_s": round(compiles.seconds["train_step"], 1),
+    "predict_compile_s": round(compiles.seconds["predict"], 1),
     "steps_per_sec": round(float(np.median(rates)), 3) if rates else None,
     "step_ms": round(1e3 / float(np.median(rates)), 1) if rates else None,
     "eval_images_per_sec": round(evaluated["images_per_sec"], 2),

@@ -95,15 +95,19 @@ def read_jsonl(path):
     return [json.loads(line) for line in f]
 
 
-def _latest_step(directory):
-  return max(int(p) for p in os.listdir(directory) if p.isdigit())
+def _checkpoint_steps(workdir) -> set[int]:
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return set()
+  return {int(p) for p in os.listdir(directory) if p.isdigit()}
 
 
 def saved_params(workdir, step=None):
   """The parameters of a checkpoint as host numpy arrays (whatever wrote it: 1 or 8 devices,
   1 or 2 processes), and its step."""
   directory = os.path.join(workdir, "checkpoints")
-  path = os.path.join(directory, str(_latest_step(directory) if step is None else step), "state")
+  step = max(_checkpoint_steps(workdir)) if step is None else step
+  path = os.path.join(directory, str(step), "state")
   with ocp.PyTreeCheckpointer() as checkpointer:
     metadata = checkpointer.metadata(path).item_metadata.tree
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
@@ -206,13 +210,6 @@ def test_resume_is_exact(tmp_path, data_dir, straight_run):
   assert_params_close(resumed["state"].params, straight["state"].params, rtol=1e-6, atol=1e-6)
   steps = [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "train_loss" in r]
   assert steps == list(range(1, STEPS + 1))
-
-
-def _checkpoint_steps(workdir) -> set[int]:
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
-    return set()
-  return {int(p) for p in os.listdir(directory) if p.isdigit()}
 
 
 def _run_until_new_checkpoint(workdir, data_dir, extra, env, after: set[int]):

@@ -64,22 +64,19 @@ class Evaluation:
       results = self._evaluator.evaluate(
         self._predict, variables, self.loader, self.meta, self._to_device, on_batch=overlays
       )
-    if overlays.images and jax.process_index() == 0:
+    if writer is not None:
+      writer.write_scalars(step, {f"eval_{k}": v for k, v in results.items()})
+    if overlays.images:  # only process 0 collects them
       directory = os.path.join(self._workdir, "overlays", f"step_{step}")
       from mpformer_jax.evaluation.overlays import save_png
 
       for index, picture in overlays.images:
         save_png(os.path.join(directory, f"{index:05d}.png"), picture)
-      results_dir = {"overlays_dir": directory}
-      if writer is not None:
-        same = {p.shape for _, p in overlays.images}
-        if len(same) == 1:
-          writer.write_images(step, {"overlays": np.stack([p for _, p in overlays.images])})
-    else:
-      results_dir = {}
-    if writer is not None:
-      writer.write_scalars(step, {f"eval_{k}": v for k, v in results.items()})
-    return {**results, **results_dir}
+      pictures = [p for _, p in overlays.images]
+      if writer is not None and len({p.shape for p in pictures}) == 1:
+        writer.write_images(step, {"overlays": np.stack(pictures)})
+      results["overlays_dir"] = directory
+    return results
 
 
 class _OverlayCollector:

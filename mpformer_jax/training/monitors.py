@@ -55,7 +55,9 @@ class NonFiniteGuard:
 
 
 class CompileCounter:
-  """Counts XLA compilations per function name while active (a context manager).
+  """Counts XLA compilations (and their seconds) per function name while active.
+
+  A context manager.
 
   The train step must compile once: a recompilation (a shape or dtype that changed, a Python
   value baked into the trace) costs minutes on large models, so the trainer reports any.
@@ -63,15 +65,16 @@ class CompileCounter:
 
   def __init__(self):
     self.counts: collections.Counter[str] = collections.Counter()
+    self.seconds: collections.Counter[str] = collections.Counter()
 
   def _listener(self, event: str, duration: float, **kwargs) -> None:
-    del duration
     if event == _BACKEND_COMPILE_EVENT:
       name = str(kwargs.get("fun_name", "?"))
       # jax reports `jit(<function name>)`; count under the plain function name.
       if name.startswith("jit(") and name.endswith(")"):
         name = name[len("jit(") : -1]
       self.counts[name] += 1
+      self.seconds[name] += duration
 
   def __enter__(self) -> CompileCounter:
     jax.monitoring.register_event_duration_secs_listener(self._listener)

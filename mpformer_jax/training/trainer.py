@@ -73,6 +73,18 @@ def _init_variables(model, image_shape, rng):
   return model.init(rng, jnp.zeros((1, *image_shape, 3), jnp.float32))
 
 
+def _abstract_state(config, model, mesh):
+  """`(optimizer, shape-only TrainState, its shardings on mesh)`; nothing is computed."""
+  image_shape = tuple(config.dataset.crop_size)
+  key = jax.random.PRNGKey(0)  # shapes only: the key's value does not matter
+  abstract_vars = jax.eval_shape(lambda r: _init_variables(model, image_shape, r), key)
+  tx = optimizer.create_optimizer(
+    config.optimizer, config.training.total_steps, abstract_vars["params"]
+  )
+  abstract_state = jax.eval_shape(lambda v, r: create_train_state(v, tx, r), abstract_vars, key)
+  return tx, abstract_state, sharding.state_shardings(mesh, abstract_state)
+
+
 _INIT_CACHE: dict[Any, Any] = {}
 
 
@@ -172,15 +184,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
   init_rng, train_rng = jax.random.split(rng)
   image_shape = tuple(config.dataset.crop_size)
 
-  def init_variables(rng):
-    return _init_variables(model, image_shape, rng)
-
-  abstract_vars = jax.eval_shape(init_variables, init_rng)
-  tx = optimizer.create_optimizer(config.optimizer, t.total_steps, abstract_vars["params"])
-  abstract_state = jax.eval_shape(
-    lambda v, r: create_train_state(v, tx, r), abstract_vars, train_rng
-  )
-  state_shardings = sharding.state_shardings(mesh, abstract_state)
+  tx, abstract_state, state_shardings = _abstract_state(config, model, mesh)
 
   manager = checkpointing.create_manager(
     os.path.join(workdir, "checkpoints"),
@@ -338,17 +342,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, Any]:
   """
   mesh = sharding.create_mesh(config.mesh.fsdp)
   model = models.build_model(config.model)
-  image_shape = tuple(config.dataset.crop_size)
-  abstract_vars = jax.eval_shape(
-    lambda r: _init_variables(model, image_shape, r), jax.random.PRNGKey(0)
-  )
-  tx = optimizer.create_optimizer(
-    config.optimizer, config.training.total_steps, abstract_vars["params"]
-  )
-  abstract_state = jax.eval_shape(
-    lambda v, r: create_train_state(v, tx, r), abstract_vars, jax.random.PRNGKey(0)
-  )
-  state_shardings = sharding.state_shardings(mesh, abstract_state)
+  _, abstract_state, state_shardings = _abstract_state(config, model, mesh)
   directory = os.path.join(workdir, "checkpoints")
   manager = checkpointing.create_manager(directory, save_every=1, keep=1000, with_data=False)
   step = config.evaluation.checkpoint_step
