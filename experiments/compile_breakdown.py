@@ -4,7 +4,10 @@ Compiles (lower + XLA compile, nothing executed) the forward pass, the forward p
 objective, their gradients, and the whole optimiser step at `configs/synthetic.py`, one device,
 and prints JSON with the seconds of each and the optimised HLO instruction counts.
 
+With `--runs N` it also times N executions of each part (median milliseconds).
+
 Usage: .venv/bin/python experiments/compile_breakdown.py [--variant mp_former] [--parts a,b]
+  [--runs N]
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark import random_ground_truth  # noqa: E402
 
 
-def _compile(fn, *args) -> dict[str, float]:
+def _compile(fn, *args, runs: int = 0) -> dict[str, float]:
   start = time.perf_counter()
   lowered = jax.jit(fn).lower(*args)
   lowered_at = time.perf_counter()
@@ -43,11 +46,20 @@ def _compile(fn, *args) -> dict[str, float]:
   if os.environ.get("COMPILE_BREAKDOWN_DUMP"):
     with open(os.path.join(os.environ["COMPILE_BREAKDOWN_DUMP"], f"{fn.__name__}.hlo"), "w") as f:
       f.write(text)
-  return {
+  result = {
     "lower_s": round(lowered_at - start, 1),
     "compile_s": round(done - lowered_at, 1),
     "hlo_lines": text.count("\n"),
   }
+  if runs:
+    jax.block_until_ready(compiled(*args))  # warm-up
+    times = []
+    for _ in range(runs):
+      t = time.perf_counter()
+      jax.block_until_ready(compiled(*args))
+      times.append(time.perf_counter() - t)
+    result["run_ms"] = round(1e3 * float(np.median(times)), 1)
+  return result
 
 
 def main():
@@ -55,6 +67,7 @@ def main():
   parser.add_argument("--variant", default="mp_former")
   parser.add_argument("--parts", default="forward,forward_grad,loss,loss_grad,train_step")
   parser.add_argument("--matcher", default=None, help="scipy | optax (default: the config's)")
+  parser.add_argument("--runs", type=int, default=0, help="also time this many executions")
   args = parser.parse_args()
 
   config = synthetic.get_config(args.variant)
@@ -122,7 +135,7 @@ def main():
   results = {"jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}
   for name in args.parts.split(","):
     fn, *fargs = cases[name]
-    results[name] = _compile(fn, *fargs)
+    results[name] = _compile(fn, *fargs, runs=args.runs)
     print(name, results[name], file=sys.stderr, flush=True)
   print(json.dumps(results, indent=2))
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from mpformer_jax.losses import criterion
 from mpformer_jax.losses.matcher import CostWeights
-from mpformer_jax.losses.points import point_counts
+from mpformer_jax.losses.points import point_counts, smallest_k_indices
 from tests.helpers import random_targets
 
 
@@ -39,6 +39,23 @@ def test_weighted_cross_entropy_equals_numpy_per_group():
     ref.item(),
     rtol=1e-6,
   )
+
+
+@pytest.mark.parametrize("k", [1, 7, 48, 64])
+def test_smallest_k_indices_is_the_top_k_set_with_ties_to_the_lower_position(k):
+  rng = np.random.default_rng(k)
+  values = np.abs(rng.standard_normal((6, 64))).astype(np.float32)
+  values[1] = 0.5  # a row of ties
+  values[2, ::3] = 0.0  # zeros among others
+  values[3, :40] = values[3, 0]  # ties straddling the k-th value
+  values[4] = rng.integers(0, 4, 64).astype(np.float32)  # a few distinct values, many ties
+  values[5, 10] = np.inf
+  got = np.asarray(smallest_k_indices(values, k))
+  assert got.shape == (6, k) and got.dtype == np.int32
+  want = np.sort(np.argsort(values, axis=1, kind="stable")[:, :k], axis=1)
+  np.testing.assert_array_equal(got, want)
+  _, top = jax.lax.top_k(-values, k)
+  np.testing.assert_array_equal(got, np.sort(np.asarray(top), axis=1))
 
 
 def test_mask_losses_equal_numpy_with_given_points():
