@@ -1,9 +1,13 @@
-"""Trains MP-Former / Mask2Former.
+"""Trains, evaluates and applies MP-Former / Mask2Former.
 
   python main.py --config configs/synthetic.py --workdir /tmp/run [--config.key=value ...]
+  python main.py --config ... --workdir /tmp/run --mode eval
+  python main.py --config ... --workdir /tmp/run --mode predict --input DIR_OR_GLOB --output DIR
 
 Checkpoints go to WORKDIR/checkpoints (a restart resumes from the newest one), metrics to
 WORKDIR/tensorboard and WORKDIR/metrics.jsonl, the final figures to WORKDIR/results.json.
+`--mode predict` writes COCO panoptic PNGs + JSON, semantic PNGs, COCO instance results and
+overlay pictures for every image of `--input` (see `mpformer_jax/evaluation/export.py`).
 """
 
 from absl import app, flags, logging
@@ -15,16 +19,21 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and res
 flags.DEFINE_enum(
   "mode",
   "train",
-  ["train", "eval"],
+  ["train", "eval", "predict"],
   "train: train (resuming from WORKDIR's newest checkpoint) and evaluate; eval: evaluate the "
-  "checkpoint `--config.evaluation.checkpoint_step` (default: the newest) of WORKDIR.",
+  "checkpoint `--config.evaluation.checkpoint_step` (default: the newest) of WORKDIR; predict: "
+  "apply that checkpoint to the images of --input and write the results to --output.",
 )
+flags.DEFINE_string("input", None, "--mode predict: a directory of images or a glob pattern.")
+flags.DEFINE_string("output", None, "--mode predict: where the predictions go.")
 flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if FLAGS.mode == "predict" and not (FLAGS.input and FLAGS.output):
+    raise app.UsageError("--mode predict needs --input (images) and --output (a directory)")
   config = FLAGS.config
   import jax
 
@@ -50,6 +59,15 @@ def main(argv):
 
   from mpformer_jax.training import trainer
 
+  if FLAGS.mode == "predict":
+    from mpformer_jax.training import prediction
+
+    written = prediction.predict_files(config, FLAGS.workdir, FLAGS.input, FLAGS.output)
+    print(f"Predicted {written['num_images']} images with step {written['step']}:")
+    for key, path in written.items():
+      if key not in ("num_images", "step"):
+        print(f"  {key}: {path}")
+    return
   if FLAGS.mode == "train":
     results = trainer.train_and_evaluate(config, FLAGS.workdir)
     results.pop("state")

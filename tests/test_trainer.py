@@ -64,7 +64,7 @@ def overrides(settings: dict) -> list[str]:
   return [f"--config.{k}={str(v).replace(' ', '')}" for k, v in settings.items()]
 
 
-def run_main(workdir, data_dir, extra: dict, devices: int = 8, env_extra=None, wait=True):
+def run_main(workdir, data_dir, extra: dict, devices: int = 8, env_extra=None, wait=True, flags=()):
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env["JAX_PLATFORMS"] = "cpu"
@@ -79,6 +79,7 @@ def run_main(workdir, data_dir, extra: dict, devices: int = 8, env_extra=None, w
     "--alsologtostderr",
     f"--config.dataset.data_dir={data_dir}",
     *overrides({**TINY, **extra}),
+    *flags,
   ]
   proc = subprocess.Popen(
     cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -196,6 +197,103 @@ def test_eval_mode_restores_and_reproduces_the_final_evaluation(tmp_path, data_d
   config.evaluation.checkpoint_step = 3
   with pytest.raises(FileNotFoundError, match="checkpoint_step=3"):
     trainer.evaluate_checkpoint(config, str(workdir))
+
+
+def test_predict_mode_writes_every_format_at_the_original_size(tmp_path, data_dir, straight_run):
+  from PIL import Image
+  from pycocotools import mask as mask_util
+
+  from mpformer_jax.data import panoptic_png, transforms
+  from mpformer_jax.data.metadata import dataset_metadata
+  from mpformer_jax.data.synthetic_shapes import generate_scene
+  from mpformer_jax.evaluation import evaluator, postprocess
+
+  straight_dir, _ = straight_run
+  inputs = tmp_path / "images"
+  inputs.mkdir()
+  canvas_image = generate_scene(7, 0, (64, 64))["image"]  # the canvas size: no resizing
+  large_image = generate_scene(7, 1, (96, 80))["image"]  # shrunk to 64 x 53, then back
+  Image.fromarray(canvas_image).save(inputs / "a.png")
+  Image.fromarray(large_image).save(inputs / "b.png")
+  Image.fromarray(canvas_image[:40, :50, 0]).save(inputs / "c.bmp")  # grey, smaller
+  (inputs / "notes.txt").write_text("not an image")
+  # Thresholds 0 so that the briefly trained model still produces panoptic segments.
+  loose = {"evaluation.object_mask_threshold": 0.0, "evaluation.overlap_threshold": 0.0}
+  output = tmp_path / "out"
+  out = run_main(
+    straight_dir,
+    data_dir,
+    loose,
+    devices=1,
+    flags=["--mode=predict", f"--input={inputs}", f"--output={output}"],
+  )
+  assert f"Predicted 3 images with step {STEPS}" in out, out[-3000:]
+
+  with open(output / "images.json") as f:
+    images = json.load(f)
+  sizes = {os.path.basename(i["file_name"]): (i["height"], i["width"]) for i in images}
+  assert sizes == {"a.png": (64, 64), "b.png": (96, 80), "c.bmp": (40, 50)}
+  with open(output / "panoptic.json") as f:
+    panoptic = json.load(f)
+  category_ids = {c["id"] for c in panoptic["categories"]}
+  maps, semantic_maps = {}, {}
+  for image, ann in zip(images, panoptic["annotations"], strict=True):
+    assert ann["image_id"] == image["id"]
+    ids = panoptic_png.rgb_to_id(np.asarray(Image.open(output / "panoptic" / ann["file_name"])))
+    assert ids.shape == (image["height"], image["width"])
+    infos = ann["segments_info"]  # may be empty: a model trained for 6 steps says "no object"
+    assert set(np.unique(ids)) - {0} == {s["id"] for s in infos}
+    for s in infos:
+      assert s["category_id"] in category_ids and s["area"] == int(np.sum(ids == s["id"]))
+    maps[os.path.basename(image["file_name"])] = ids
+    semantic = np.asarray(Image.open(output / "semantic" / ann["file_name"]))
+    assert semantic.shape == ids.shape and semantic.max() < 10
+    semantic_maps[os.path.basename(image["file_name"])] = semantic
+    picture = np.asarray(Image.open(output / "overlays" / ann["file_name"]))
+    assert picture.shape == (image["height"], 2 * image["width"] + 4, 3)
+  with open(output / "instances.json") as f:
+    instances = json.load(f)
+  assert {r["image_id"] for r in instances} == {0, 1, 2}
+  for r in instances:
+    image = images[r["image_id"]]
+    assert mask_util.decode(r["segmentation"]).shape == (image["height"], image["width"])
+  first_of_b = next(r for r in instances if r["image_id"] == 1)  # the best-scored of b.png
+
+  # The files hold what the evaluation's prediction step computes for the same pixels.
+  config = tiny_config(data_dir, STEPS)
+  config.evaluation.object_mask_threshold = config.evaluation.overlap_threshold = 0.0
+  model, mesh, variables, _, _ = trainer.restore_for_inference(config, straight_dir)
+  meta = dataset_metadata(config.dataset)
+  predict = jax.jit(
+    evaluator.make_predict_fn(
+      model, meta, evaluator.EvalSettings.from_config(config.evaluation), with_confusion=False
+    )
+  )
+  batch = np.zeros((8, 64, 64, 3), np.float32)
+  sizes = np.zeros((8, 2), np.int32)
+  for n, image in enumerate((canvas_image, large_image)):
+    batch[n], sizes[n] = transforms.inference_transform(image, (64, 64))
+  assert tuple(sizes[1]) == (64, 53)
+  with jax.set_mesh(mesh):
+    outputs = jax.tree.map(np.asarray, predict(variables, batch, sizes, np.zeros((8, 64, 64))))
+  p = outputs["panoptic"]
+  for n, name, size in ((0, "a.png", (64, 64)), (1, "b.png", (96, 80))):
+    h, w = sizes[n]
+    want, _ = postprocess.panoptic_segments_info(
+      p["segment_map"][n],
+      p["segment_labels"][n],
+      p["segment_scores"][n],
+      meta.label_isthing,
+      image_size=(h, w),
+    )
+    np.testing.assert_array_equal(maps[name], transforms.resize_ids(want, size))
+    want_semantic = transforms.resize_ids(outputs["semantic"][n, :h, :w], size)
+    np.testing.assert_array_equal(semantic_maps[name], want_semantic)
+  inst = outputs["instance"]
+  best = int(np.flatnonzero(inst["valid"][1])[0])
+  want_mask = transforms.resize_ids(inst["masks"][1, best, :64, :53], (96, 80))
+  np.testing.assert_array_equal(mask_util.decode(first_of_b["segmentation"]), want_mask)
+  assert first_of_b["score"] == pytest.approx(float(inst["scores"][1, best]), rel=1e-6)
 
 
 def test_resume_is_exact(tmp_path, data_dir, straight_run):

@@ -114,14 +114,32 @@ def eval_transform(
     float32 `[h, w, 3]` normalised image, int32 `[h, w]` id map, and the `(h', w')` size of the
     image content inside the padded canvas (`(H, W)` unless the image had to shrink).
   """
-  in_h, in_w = pan_ids.shape
-  factor = min(eval_size[0] / in_h, eval_size[1] / in_w, 1.0)
-  size = (in_h, in_w)
-  if factor < 1.0:
-    size = (
-      min(max(int(round(in_h * factor)), 1), eval_size[0]),
-      min(max(int(round(in_w * factor)), 1), eval_size[1]),
-    )
+  size = fit_size(pan_ids.shape, eval_size)
+  if size != pan_ids.shape:
     image, pan_ids = resize_image(image, size), resize_ids(pan_ids, size)
   image = pad_to(normalize(image), eval_size)
   return image, pad_to(pan_ids.astype(np.int32), eval_size), size
+
+
+def fit_size(size: tuple[int, int], canvas: tuple[int, int]) -> tuple[int, int]:
+  """`(h, w)` of an image of `size` shrunk (never enlarged) to fit `canvas`, aspect kept."""
+  in_h, in_w = (int(v) for v in size)
+  factor = min(canvas[0] / in_h, canvas[1] / in_w, 1.0)
+  if factor >= 1.0:
+    return in_h, in_w
+  return (
+    min(max(int(round(in_h * factor)), 1), canvas[0]),
+    min(max(int(round(in_w * factor)), 1), canvas[1]),
+  )
+
+
+def inference_transform(
+  image: np.ndarray, canvas: tuple[int, int]
+) -> tuple[np.ndarray, tuple[int, int]]:
+  """An image without ground truth, prepared like `eval_transform` prepares evaluation images.
+
+  Returns:
+    float32 `[h, w, 3]` normalised padded image and the `(h', w')` of its content.
+  """
+  size = fit_size(image.shape[:2], canvas)
+  return pad_to(normalize(resize_image(image, size)), canvas), size

@@ -69,9 +69,12 @@ def metrics_for_task(task: str) -> tuple[str, ...]:
 
 
 def make_predict_fn(
-  model, meta: DatasetMetadata, settings: EvalSettings
+  model, meta: DatasetMetadata, settings: EvalSettings, with_confusion: bool = True
 ) -> Callable[[Any, jax.Array, jax.Array], dict[str, Any]]:
   """`predict(variables, images, resized_size, semantic_gt) -> outputs` (jit-able).
+
+  With `with_confusion=False` (predictions without ground truth) `semantic_gt` is ignored and
+  no `confusion` is returned.
 
   Args of `predict`: `images` float32 `[B, H, W, 3]`; `resized_size` int32 `[B, 2]` (the image
   inside the padded canvas); `semantic_gt` int32 `[B, H, W]` training labels, `IGNORE_LABEL`
@@ -86,7 +89,7 @@ def make_predict_fn(
   isthing = np.asarray(meta.label_isthing, bool)
   num_classes = meta.num_classes
   confusion_metric = None
-  if "semantic" in kinds:
+  if "semantic" in kinds and with_confusion:
     from mpformer_jax.evaluation.semantic import ConfusionMatrix
 
     confusion_metric = ConfusionMatrix.configure(num_classes, IGNORE_LABEL, meta.label_names)

@@ -331,11 +331,11 @@ def _variables_shardings(state_shardings) -> dict[str, Any]:
   return {"params": state_shardings.params, **state_shardings.model_state}
 
 
-def evaluate_checkpoint(config, workdir: str) -> dict[str, Any]:
-  """`--mode eval`: restores a checkpoint of `workdir` and evaluates it.
+def restore_for_inference(config, workdir: str):
+  """Restores `config.evaluation.checkpoint_step` of `workdir` (-1: the newest).
 
-  The checkpoint is `config.evaluation.checkpoint_step`, or the newest when it is -1. The
-  metrics go to the writers and to `WORKDIR/results.json` (with `"step"`).
+  Returns:
+    `(model, mesh, variables, variables_shardings, step)`.
 
   Raises:
     FileNotFoundError: when the checkpoint does not exist.
@@ -357,9 +357,22 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, Any]:
       manager, step, checkpointing.abstract_with_shardings(abstract_state, state_shardings)
     )
   manager.close()
+  return model, mesh, _variables(state), _variables_shardings(state_shardings), int(step)
+
+
+def evaluate_checkpoint(config, workdir: str) -> dict[str, Any]:
+  """`--mode eval`: restores a checkpoint of `workdir` and evaluates it.
+
+  The checkpoint is `config.evaluation.checkpoint_step`, or the newest when it is -1. The
+  metrics go to the writers and to `WORKDIR/results.json` (with `"step"`).
+
+  Raises:
+    FileNotFoundError: when the checkpoint does not exist.
+  """
+  model, mesh, variables, variables_shardings, step = restore_for_inference(config, workdir)
   writer = reporting.create_writer(workdir)
-  evaluation = Evaluation(config, model, mesh, _variables_shardings(state_shardings), workdir)
-  results = {"step": int(step), **evaluation(_variables(state), step, writer)}
+  evaluation = Evaluation(config, model, mesh, variables_shardings, workdir)
+  results = {"step": step, **evaluation(variables, step, writer)}
   writer.flush()
   writer.close()
   write_results(workdir, results)
