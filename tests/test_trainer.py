@@ -127,6 +127,16 @@ def assert_params_close(a, b, rtol, atol):
   )
 
 
+def test_results_file_is_standard_json_with_undefined_values_as_null(tmp_path):
+  trainer.write_results(str(tmp_path), {"step": 3, "PQ": 56.5, "APl": float("nan")})
+
+  def refuse(constant):
+    raise AssertionError(f"non-standard JSON constant {constant}")
+
+  with open(tmp_path / "results.json") as f:
+    assert json.load(f, parse_constant=refuse) == {"step": 3, "PQ": 56.5, "APl": None}
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("tfds"))

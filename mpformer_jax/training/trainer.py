@@ -138,12 +138,19 @@ def _global_batch(batch: dict[str, np.ndarray], mesh) -> tuple[jax.Array, Target
 
 
 def write_results(workdir: str, results: dict[str, Any]) -> None:
-  """`WORKDIR/results.json`: the latest evaluation (or final training losses), flat."""
+  """`WORKDIR/results.json`: the latest evaluation (or final training losses), flat.
+
+  Undefined values (NaN, e.g. COCO's APl without large objects) are written as null, so that
+  the file is standard JSON for every reader.
+  """
   if jax.process_index() != 0:
     return
   path = os.path.join(workdir, "results.json")
+  values = {
+    k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in results.items()
+  }
   with open(path + ".tmp", "w") as f:
-    json.dump(results, f, indent=2, sort_keys=True)
+    json.dump(values, f, indent=2, sort_keys=True, allow_nan=False)
   os.replace(path + ".tmp", path)
 
 
