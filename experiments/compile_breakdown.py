@@ -4,7 +4,9 @@ Compiles (lower + XLA compile, nothing executed) the forward pass, the forward p
 objective, their gradients, and the whole optimiser step at `configs/synthetic.py`, one device,
 and prints JSON with the seconds of each and the optimised HLO instruction counts.
 
-With `--runs N` it also times N executions of each part (median milliseconds).
+With `--runs N` it also times N executions of each part (median milliseconds). With
+`COMPILE_BREAKDOWN_DUMP=DIR` in the environment it writes each part's optimised HLO there.
+Every part compiles from scratch (caches cleared), so a part never reuses another's work.
 
 Usage: .venv/bin/python experiments/compile_breakdown.py [--variant mp_former] [--parts a,b]
   [--runs N]
@@ -13,6 +15,7 @@ Usage: .venv/bin/python experiments/compile_breakdown.py [--variant mp_former] [
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -37,6 +40,7 @@ from benchmark import random_ground_truth  # noqa: E402
 
 
 def _compile(fn, *args, runs: int = 0) -> dict[str, float]:
+  jax.clear_caches()  # e.g. `forward` already ran once to give the criterion its inputs
   start = time.perf_counter()
   lowered = jax.jit(fn).lower(*args)
   lowered_at = time.perf_counter()
@@ -65,7 +69,12 @@ def _compile(fn, *args, runs: int = 0) -> dict[str, float]:
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--variant", default="mp_former")
-  parser.add_argument("--parts", default="forward,forward_grad,loss,loss_grad,train_step")
+  parser.add_argument(
+    "--parts",
+    default="forward,forward_grad,loss,loss_grad,train_step",
+    help="comma-separated, of: forward, forward_grad, criterion, criterion_grad, loss, "
+    "loss_grad, loss_grad_traced_rng, update_only, train_step",
+  )
   parser.add_argument("--matcher", default=None, help="scipy | optax (default: the config's)")
   parser.add_argument("--runs", type=int, default=0, help="also time this many executions")
   args = parser.parse_args()
@@ -84,8 +93,6 @@ def main():
   state = {k: v for k, v in variables.items() if k != "params"}
   loss_cfg = LossConfig.from_config(config.loss)
   if args.matcher:
-    import dataclasses
-
     loss_cfg = dataclasses.replace(loss_cfg, matcher=args.matcher)
   rng = jax.random.PRNGKey(1)
   loss_fn = make_loss_fn(model, loss_cfg)

@@ -267,7 +267,7 @@ def test_predict_mode_writes_every_format_at_the_original_size(tmp_path, data_di
   for r in instances:
     image = images[r["image_id"]]
     assert mask_util.decode(r["segmentation"]).shape == (image["height"], image["width"])
-  first_of_b = next(r for r in instances if r["image_id"] == 1)  # the best-scored of b.png
+  first_of_b = next(r for r in instances if r["image_id"] == 1)  # b.png's first result
 
   # The files hold what the evaluation's prediction step computes for the same pixels.
   config = tiny_config(data_dir, STEPS)

@@ -19,6 +19,18 @@ from mpformer_jax.training import sharding
 _PREDICT_CACHE: dict[Any, Any] = {}
 
 
+def jit_predict(model, meta, evaluation_config, mesh, variables_shardings, with_confusion=True):
+  """The jitted `evaluator.make_predict_fn` step, inputs sharded over the batch of `mesh`."""
+  from mpformer_jax.evaluation import evaluator
+
+  predict = evaluator.make_predict_fn(
+    model, meta, evaluator.EvalSettings.from_config(evaluation_config), with_confusion
+  )
+  batch = sharding.batch_sharding(mesh)
+  # Outputs keep the batch sharding XLA propagates; the confusion matrix is a global sum.
+  return jax.jit(predict, in_shardings=(variables_shardings, batch, batch, batch))
+
+
 class Evaluation:
   """Evaluates training states on `config.dataset`'s eval split, over `mesh`.
 
@@ -44,13 +56,8 @@ class Evaluation:
     key = (config.model.to_json(), config.evaluation.to_json(), config.dataset.to_json())
     key += (tuple(d.id for d in mesh.devices.flat),)
     if key not in _PREDICT_CACHE:
-      predict = evaluator.make_predict_fn(
-        model, self.meta, evaluator.EvalSettings.from_config(config.evaluation)
-      )
-      batch = sharding.batch_sharding(mesh)
-      # Outputs keep the batch sharding XLA propagates; the confusion matrix is a global sum.
-      _PREDICT_CACHE[key] = jax.jit(
-        predict, in_shardings=(variables_shardings, batch, batch, batch)
+      _PREDICT_CACHE[key] = jit_predict(
+        model, self.meta, config.evaluation, mesh, variables_shardings
       )
     self._predict = _PREDICT_CACHE[key]
 

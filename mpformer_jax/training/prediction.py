@@ -66,8 +66,8 @@ def predict_files(config, workdir: str, input_path: str, output_dir: str) -> dic
   Returns:
     `{"step", "num_images", <file>: path, ...}` (see `PredictionWriter.close`).
   """
-  from mpformer_jax.evaluation import evaluator
   from mpformer_jax.evaluation.export import PredictionWriter, unique_names
+  from mpformer_jax.training.evaluation_loop import jit_predict
   from mpformer_jax.training.trainer import restore_for_inference
 
   if jax.process_count() > 1:
@@ -81,11 +81,9 @@ def predict_files(config, workdir: str, input_path: str, output_dir: str) -> dic
     raise ValueError(
       f"evaluation.batch_size = {batch_size} must be a multiple of the {mesh.devices.size} devices"
     )
-  predict = evaluator.make_predict_fn(
-    model, meta, evaluator.EvalSettings.from_config(config.evaluation), with_confusion=False
+  predict = jit_predict(
+    model, meta, config.evaluation, mesh, variables_shardings, with_confusion=False
   )
-  batch = sharding.batch_sharding(mesh)
-  predict = jax.jit(predict, in_shardings=(variables_shardings, batch, batch, batch))
   writer = PredictionWriter(output_dir, meta)
   names = unique_names(paths)
   logging.info("Predicting %d images of %s with step %d", len(paths), input_path, step)
