@@ -41,6 +41,7 @@ from mpformer_jax.losses import matcher as matcher_lib  # noqa: E402
 from mpformer_jax.losses.criterion import LossConfig  # noqa: E402
 from mpformer_jax.models.random_variables import random_variables  # noqa: E402
 from mpformer_jax.targets import Targets  # noqa: E402
+from mpformer_jax.training import slot_buckets  # noqa: E402
 from mpformer_jax.training.objective import make_loss_fn  # noqa: E402
 
 
@@ -131,8 +132,21 @@ def bench_train_steps(args, rng):
       state,
     )
   results = {}
-  for count in (args.few, args.max_gt):
+  cases = [(f"segments_{args.few}", args.few, None)]
+  if args.bucket:
+    # The same few-segment batch cut to `bucket` slots, as `training.gt_slot_buckets` does.
+    cases.append((f"segments_{args.few}_cut_to_{args.bucket}", args.few, args.bucket))
+  if not args.no_full:
+    cases.append((f"segments_{args.max_gt}", args.max_gt, None))
+  for key, count, bucket in cases:
     targets = synthetic_targets(rng, args.batch, size, args.max_gt, count, args.classes)
+    if bucket:
+      targets = Targets(
+        segment_ids=targets.segment_ids,
+        **slot_buckets.cut_slots(
+          {k: np.asarray(getattr(targets, k)) for k in slot_buckets.SLOT_KEYS}, bucket
+        ),
+      )
     times = {name: [] for name in variants}
     for name, (step, params, opt_state, state) in variants.items():  # compile
       start = time.perf_counter()
@@ -149,7 +163,7 @@ def bench_train_steps(args, rng):
           jax.block_until_ready(step(params, opt_state, state, images, targets, key))
           times[name].append(1e3 * (time.perf_counter() - start))
     medians = {name: float(np.median(t)) for name, t in times.items()}
-    results[f"segments_{count}"] = {
+    results[key] = {
       "baseline_ms": round(medians["baseline"], 1),
       "mask_pilot_ms": round(medians["mask_pilot"], 1),
       "mask_pilot_over_baseline": round(medians["mask_pilot"] / medians["baseline"], 3),
@@ -170,12 +184,18 @@ def main():
   parser.add_argument("--runs", type=int, default=1)
   parser.add_argument("--blocks", type=int, default=2)
   parser.add_argument("--small", action="store_true", help="1-block ResNet, 1 encoder layer")
+  parser.add_argument(
+    "--bucket", type=int, default=0, help="also time the few-segment batch cut to N slots"
+  )
+  parser.add_argument("--no-full", action="store_true", help="skip the max_gt-segment case")
   args = parser.parse_args()
   rng = np.random.default_rng(0)
   matching = bench_matching(args, rng)
   steps = bench_train_steps(args, rng)
   # The host matching time scales with the images per step: scale it to the step's batch.
   for key, m in matching.items():
+    if key not in steps:
+      continue
     host_ms = m["scipy_host_ms"] * args.batch / args.match_batch
     steps[key]["host_matching_ms_at_step_batch"] = round(host_ms, 2)
     steps[key]["host_matching_share_of_baseline_step"] = round(

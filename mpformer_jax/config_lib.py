@@ -168,6 +168,11 @@ def training_config() -> ml_collections.ConfigDict:
       "global_batch_size": 16,
       "accumulation_steps": 1,
       "remat": False,
+      # Cut each batch's ground-truth slots to the smallest of these sizes (or
+      # dataset.max_gt) that holds its largest segment count: the train step compiles once
+      # per size met, and matching, losses and the mask pilot's block shrink with the slots
+      # (training.slot_buckets). (): always dataset.max_gt slots.
+      "gt_slot_buckets": (),
       "log_every": 50,
       "checkpoint_every": 5000,
       "keep_checkpoints": 3,

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from mpformer_jax.losses import criterion
 from mpformer_jax.losses.matcher import CostWeights
-from mpformer_jax.losses.points import point_counts, smallest_k_indices
+from mpformer_jax.losses.points import point_counts, prefix_counts, smallest_k_indices
 from tests.helpers import random_targets
 
 
@@ -56,6 +56,52 @@ def test_smallest_k_indices_is_the_top_k_set_with_ties_to_the_lower_position(k):
   np.testing.assert_array_equal(got, want)
   _, top = jax.lax.top_k(-values, k)
   np.testing.assert_array_equal(got, np.sort(np.asarray(top), axis=1))
+
+
+@pytest.mark.parametrize("k", [1, 97, 300])
+def test_smallest_k_indices_without_ties_takes_the_no_tie_branch(k):
+  # Distinct values in every row: `smallest_k_indices` skips the tie ranking (a `lax.cond`).
+  values = np.random.default_rng(k).permutation(4 * 300).reshape(4, 300).astype(np.float32)
+  got = np.asarray(smallest_k_indices(values, k))
+  want = np.sort(np.argsort(values, axis=1)[:, :k], axis=1)
+  np.testing.assert_array_equal(got, want)
+
+
+def test_prefix_counts_equal_cumsum_across_blocks():
+  mask = np.random.default_rng(0).random((3, 300)) < 0.4  # 300: two full blocks and a partial
+  mask[1] = True
+  got = np.asarray(prefix_counts(mask, block=128))
+  np.testing.assert_array_equal(got, np.cumsum(mask, axis=1))
+  assert got.dtype == np.int32
+
+
+@pytest.mark.parametrize("num_points", [10, 40])
+def test_matching_costs_agree_whichever_side_is_sampled(num_points):
+  # 4 x 4 = 16 mask pixels: 10 points sample the features first, 40 points the masks first.
+  from mpformer_jax.losses.matcher import pairwise_costs
+
+  b, q, c, k, layers = 2, 5, 6, 3, 2
+  rng = np.random.default_rng(num_points)
+  targets = random_targets(3, batch=b, size=(16, 16), max_gt=3, num_classes=k, counts=[3, 1])
+  feats = rng.standard_normal((b, 4, 4, c)).astype(np.float32)
+  preds = [
+    {
+      "mask_embed": rng.standard_normal((b, q, c)).astype(np.float32),
+      "pred_logits": rng.standard_normal((b, q, k + 1)).astype(np.float32),
+    }
+    for _ in range(layers)
+  ]
+  coords = rng.uniform(size=(layers, b, num_points, 2)).astype(np.float32)
+  got = np.asarray(
+    criterion.matching_costs(preds, feats, targets, coords, CostWeights())
+  )  # [L, B, Q, M]
+  for i, pred in enumerate(preds):
+    masks = np.einsum("bqc,bhwc->bqhw", pred["mask_embed"], feats)
+    grid = torch.from_numpy(2 * coords[i] - 1)[:, :, None]  # [B, P, 1, 2]
+    at = F.grid_sample(torch.from_numpy(masks), grid, align_corners=False)[..., 0].numpy()
+    gt = criterion.sample_masks(targets, coords[i])
+    want = pairwise_costs(pred["pred_logits"], at, targets.labels, gt, targets.valid, CostWeights())
+    np.testing.assert_allclose(got[i], np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 def test_mask_losses_equal_numpy_with_given_points():

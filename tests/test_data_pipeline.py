@@ -90,11 +90,12 @@ def test_instance_targets_keep_things_only():
 
 def test_semantic_targets_merge_segments_of_a_class():
   t = panoptic_to_targets(PAN, SEGMENTS, "semantic", 4, THINGS, PANOPTIC_LABELS)
-  # Classes present (crowd excluded): circle (B + D) 0, sky 5, grass 6; ids are label + 1.
-  np.testing.assert_array_equal(t["ids"], [1, 6, 7, 0])
-  np.testing.assert_array_equal(t["labels"], [0, 5, 6, 0])
-  np.testing.assert_array_equal(t["valid"], [1, 1, 1, 0])
-  np.testing.assert_array_equal(t["segment_ids"], _remap({300: 1, 5: 1, 100: 6, 9: 7}))
+  # Classes present: circle (B + D) 0, the crowd square 1 (semantic labels keep crowd regions,
+  # as the reference's do), sky 5, grass 6; ids are label + 1.
+  np.testing.assert_array_equal(t["ids"], [1, 2, 6, 7])
+  np.testing.assert_array_equal(t["labels"], [0, 1, 5, 6])
+  np.testing.assert_array_equal(t["valid"], [1, 1, 1, 1])
+  np.testing.assert_array_equal(t["segment_ids"], _remap({300: 1, 5: 1, 70000: 2, 100: 6, 9: 7}))
   assert t["num_dropped"] == 0 and t["num_empty"] == 1  # triangle (F) has no pixels
 
 

@@ -320,6 +320,25 @@ def test_resume_is_exact(tmp_path, data_dir, straight_run):
   assert steps == list(range(1, STEPS + 1))
 
 
+@pytest.mark.slow  # two compiles of the step on 8 devices: 3 minutes
+def test_gt_slot_buckets_train_like_full_slots_and_compile_once_per_size(
+  tmp_path, data_dir, straight_run
+):
+  """`training.gt_slot_buckets`: the straight run's parameters, one compile per size met.
+
+  The straight run's batches hold at most 6, 7, 8, 7, 8, 8 segments per image (8 slots), so a
+  bucket of 7 slots serves three of them and 8 slots the others.
+  """
+  _, straight = straight_run
+  config = tiny_config(data_dir, STEPS)
+  config.training.gt_slot_buckets = (7,)
+  result = trainer.train_and_evaluate(config, str(tmp_path))
+  assert result["gt_slot_sizes_met"] == [7, 8]
+  assert result["train_step_compiles"] == 2 and result["train_step_recompiles"] == 0
+  # Cutting removes empty slots only: the same training up to float rounding.
+  assert_params_close(result["state"].params, straight["state"].params, rtol=1e-4, atol=1e-6)
+
+
 def _run_until_new_checkpoint(workdir, data_dir, extra, env, after: set[int]):
   """Starts `main.py` on 1 device; returns it once it has written a checkpoint not in `after`."""
   proc = run_main(workdir, data_dir, extra, devices=1, env_extra=env, wait=False)

@@ -24,9 +24,12 @@ def default_dataset_config() -> ml_collections.ConfigDict:
   Also importable as `mpformer_jax.data.pipeline.default_dataset_config`.
 
   Fields:
-    name: TFDS dataset name. "synthetic_shapes" is built on first use; any other name must be
-      prepared in `data_dir` with the same features (image, panoptic, image_id, segments) and
-      have category metadata in `mpformer_jax.data.metadata`.
+    name: TFDS dataset name. "synthetic_shapes" is built on first use. The real datasets
+      ("coco_panoptic", "coco_instance", "ade20k_semantic", "cityscapes") are prepared from
+      their raw files with `python -m mpformer_jax.data.prepare --dataset NAME --manual_dir
+      RAW --data_dir DATA_DIR`. Any other name must be prepared in `data_dir` with the same
+      features (image, panoptic, image_id, segments) and have category metadata in
+      `mpformer_jax.data.metadata`.
     data_dir: TFDS data directory (`~` is expanded); default `$TFDS_DATA_DIR` or
       `~/tensorflow_datasets`.
     task: "panoptic", "instance" or "semantic" (see `mpformer_jax.data.targets`).
@@ -36,15 +39,15 @@ def default_dataset_config() -> ml_collections.ConfigDict:
       dataset's).
     crop_size: `(H, W)` of training images, multiples of 32.
     augmentation: the training augmentation, `"lsj"` or `"short_side"`:
-      - `"lsj"` (implemented): random flip, resize so the image fits into `scale * crop_size`
-        (`scale` uniform in `[min_scale, max_scale]`), random crop to `crop_size`, pad to
-        `crop_size`. With `min_scale, max_scale = 0.1, 2.0` and a 1024 x 1024 crop this is
-        Mask2Former's COCO large-scale jitter (detectron2's `ResizeScale` + `FixedSizeCrop`).
-      - `"short_side"` (ADE20K / Cityscapes; lands with the real datasets, the loaders raise
-        `NotImplementedError` until then): resize the short side to a random choice of
+      - `"lsj"`: random flip, resize so the image fits into `scale * crop_size` (`scale`
+        uniform in `[min_scale, max_scale]`), random crop to `crop_size`, pad to `crop_size`.
+        With `min_scale, max_scale = 0.1, 2.0` and a 1024 x 1024 crop this is Mask2Former's
+        COCO large-scale jitter (detectron2's `ResizeScale` + `FixedSizeCrop`).
+      - `"short_side"` (ADE20K / Cityscapes): resize the short side to a random choice of
         `short_side.sizes` (long side at most `short_side.max_size`), random crop to
-        `crop_size` whose largest category covers at most `short_side.single_category_max_area`
-        of it, SSD colour jitter, random flip, pad to `crop_size`.
+        `crop_size` (clipped to the image) whose largest category covers less than
+        `short_side.single_category_max_area` of it, SSD colour jitter, random flip, pad to
+        `crop_size` (`mpformer_jax.data.transforms.short_side_transform`).
     min_scale, max_scale: `"lsj"` scale jitter range (relative to fitting the image into
       `crop_size`); unused by `"short_side"`.
     short_side: the `"short_side"` augmentation's settings (validated only when it is selected):
@@ -52,18 +55,24 @@ def default_dataset_config() -> ml_collections.ConfigDict:
         `ResizeShortestEdge(..., "choice")`);
       - `max_size`: longest side after the resize;
       - `single_category_max_area`: `RandomCrop_CategoryAreaConstraint`'s limit on the share of
-        the crop one category may cover (1.0: no constraint, plain random crop), in `(0, 1]`;
+        the crop one category may cover (1.0: no constraint, plain random crop), in `(0, 1]`.
+        Below 1.0, up to 10 random windows are tried and the first holding more than one
+        category, none covering this share or more of the non-void pixels, is taken (else
+        the last one tried). Categories are counted per pixel from the panoptic map (crowd
+        segments count as their category, void is ignored), whatever the task;
       - `ignore_label`: the semantic label of void pixels, which the area constraint ignores
-        (the reference's `IGNORE_VALUE`, 255);
-      - `color_jitter`: detectron2's `ColorAugSSD` (brightness, contrast, saturation, hue).
+        (the reference's `IGNORE_VALUE`, 255); it must not be a category id of the dataset;
+      - `color_jitter`: Mask2Former's `ColorAugSSDTransform` (brightness, contrast, saturation,
+        hue, each with probability 0.5; `mpformer_jax.data.color_jitter`).
     flip: random horizontal flips.
     max_gt: target slots per training image; extra segments are dropped and counted.
-    eval_size: `(H, W)` of evaluation images (padded; larger images shrink to fit), multiples
-      of 32. Make it hold the test resize below, or images shrink further than the reference's.
+    eval_size: `(H, W)` canvas of evaluation images, multiples of 32: images are padded to
+      it. Without a test resize, larger images shrink to fit; with one, it must hold every
+      resized image (an image that does not fit is an error naming it).
     eval_short_side, eval_max_size: the test resize: short side to `eval_short_side`, long side
-      at most `eval_max_size` (detectron2's `ResizeShortestEdge` at test time). 0 (the default)
-      keeps the images' own size; a resize lands with the real datasets (the eval loader raises
-      `NotImplementedError` until then).
+      at most `eval_max_size` (detectron2's `ResizeShortestEdge` at test time, sides rounded
+      with `int(x + 0.5)`; id maps resized by nearest neighbour). 0 (the default) keeps the
+      images' own size.
     eval_max_segments: slots for the raw ground truth of an evaluation image; an image with
       more segments is an error, since dropping ground truth would bias the metrics.
     worker_count: grain worker processes (0 = load in the main process).

@@ -3,12 +3,33 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
-from mpformer_jax.data import synthetic_shapes
+# Dataset name -> (module, attribute) of its categories (`{"id", "name", "isthing"}` dicts, in
+# the order of the training labels). A new dataset needs an entry here; TFDS' own metadata does
+# not say which classes are things. The tables live in small modules without TFDS, imported on
+# first use.
+CATEGORY_TABLES = {
+  "synthetic_shapes": ("mpformer_jax.data.synthetic_shapes", "CATEGORIES"),
+  "coco_panoptic": ("mpformer_jax.data.coco_categories", "PANOPTIC_CATEGORIES"),
+  "coco_instance": ("mpformer_jax.data.coco_categories", "INSTANCE_CATEGORIES"),
+  "ade20k_semantic": ("mpformer_jax.data.ade20k_categories", "CATEGORIES"),
+  "cityscapes": ("mpformer_jax.data.cityscapes_categories", "CATEGORIES"),
+}
 
-# Dataset name -> its categories (`{"id", "name", "isthing"}`, things first). A new dataset needs
-# an entry here; TFDS' own metadata does not say which classes are things.
-CATEGORIES = {"synthetic_shapes": synthetic_shapes.CATEGORIES}
+
+def categories_of(name: str) -> tuple[dict, ...]:
+  """The categories of dataset `name` (copies).
+
+  Raises:
+    ValueError: for a dataset without a category table.
+  """
+  if name not in CATEGORY_TABLES:
+    raise ValueError(
+      f"dataset.name: no category metadata for {name!r}; known: {sorted(CATEGORY_TABLES)}"
+    )
+  module, attribute = CATEGORY_TABLES[name]
+  return tuple(dict(c) for c in getattr(importlib.import_module(module), attribute))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,11 +79,7 @@ def dataset_metadata(config) -> DatasetMetadata:
     ValueError: for a dataset without category metadata, or a `num_classes` that differs from
       the dataset's.
   """
-  if config.name not in CATEGORIES:
-    raise ValueError(
-      f"dataset.name: no category metadata for {config.name!r}; known: {sorted(CATEGORIES)}"
-    )
-  categories = tuple(dict(c) for c in CATEGORIES[config.name])
+  categories = categories_of(config.name)
   if config.task == "instance":
     label_ids = tuple(c["id"] for c in categories if c["isthing"])
   else:

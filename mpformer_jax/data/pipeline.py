@@ -114,17 +114,40 @@ class _TrainExample(grain.transforms.RandomMap):
     self._task, self._max_gt = config.task, int(config.max_gt)
     self._things = meta.thing_category_ids
     self._category_to_label = meta.category_to_label
+    self._short_side = None  # `short_side_transform`'s keyword arguments
+    if config.augmentation == "short_side":
+      settings = config.short_side
+      self._short_side = {
+        "sizes": tuple(int(v) for v in settings.sizes),
+        "max_size": int(settings.max_size),
+        "color_jitter": bool(settings.color_jitter),
+        "single_category_max_area": float(settings.single_category_max_area),
+        "ignore_label": int(settings.ignore_label),
+      }
+      # The crop constraint would take that category's pixels for void.
+      ignore = self._short_side["ignore_label"]
+      if settings.single_category_max_area < 1.0 and any(
+        c["id"] == ignore for c in meta.categories
+      ):
+        raise ValueError(
+          f"dataset.short_side.ignore_label = {ignore} is a category id of {meta.name!r}; "
+          "pick a value no category uses"
+        )
 
   def random_map(self, element, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    image, pan_ids = transforms.train_transform(
-      element["image"],
-      panoptic_png.rgb_to_id(element["panoptic"]),
-      rng,
-      self._crop_size,
-      self._min_scale,
-      self._max_scale,
-      self._flip,
-    )
+    pan_ids = panoptic_png.rgb_to_id(element["panoptic"])
+    if self._short_side is not None:
+      image, pan_ids = self._short_side_transform(element, pan_ids, rng)
+    else:
+      image, pan_ids = transforms.train_transform(
+        element["image"],
+        pan_ids,
+        rng,
+        self._crop_size,
+        self._min_scale,
+        self._max_scale,
+        self._flip,
+      )
     targets = panoptic_to_targets(
       pan_ids,
       element["segments"],
@@ -134,6 +157,24 @@ class _TrainExample(grain.transforms.RandomMap):
       self._category_to_label,
     )
     return {"image": image, **{k: targets[k] for k in TRAIN_KEYS[1:]}}
+
+  def _short_side_transform(self, element, pan_ids, rng) -> tuple[np.ndarray, np.ndarray]:
+    settings = self._short_side
+    categories = None
+    if settings["single_category_max_area"] < 1.0:  # only the crop constraint reads it
+      seg = segments_as_arrays(element["segments"])
+      categories = transforms.category_map(
+        pan_ids, seg["id"], seg["category_id"], settings["ignore_label"]
+      )
+    return transforms.short_side_transform(
+      element["image"],
+      pan_ids,
+      rng,
+      self._crop_size,
+      flip=self._flip,
+      categories=categories,
+      **settings,
+    )
 
 
 class TrainIterator:
@@ -217,11 +258,6 @@ def create_train_loader(
   Returns:
     A `TrainIterator` of dicts with the module docstring's fields.
   """
-  if config.augmentation != "lsj":
-    raise NotImplementedError(
-      f"dataset.augmentation={config.augmentation!r} (ADE20K / Cityscapes) lands with the real "
-      "datasets"
-    )
   validate_dataset_config(config)
   meta = dataset_metadata(config)
   index, count = _processes(process_index, process_count)
@@ -249,6 +285,8 @@ class _EvalExample:
   def __init__(self, source, config, meta: DatasetMetadata):
     self._source = source
     self._eval_size = tuple(config.eval_size)
+    self._short_side, self._max_size = int(config.eval_short_side), int(config.eval_max_size)
+    self._split = config.eval_split
     self._task, self._max_gt = config.task, int(config.max_gt)
     self._max_segments = int(config.eval_max_segments)
     self._things = meta.thing_category_ids
@@ -259,7 +297,12 @@ class _EvalExample:
       return self._padding()
     element = self._source[key]
     image, pan_ids, size = transforms.eval_transform(
-      element["image"], panoptic_png.rgb_to_id(element["panoptic"]), self._eval_size
+      element["image"],
+      panoptic_png.rgb_to_id(element["panoptic"]),
+      self._eval_size,
+      self._short_side,
+      self._max_size,
+      name=self._name(key, element),
     )
     targets = panoptic_to_targets(
       pan_ids,
@@ -292,6 +335,15 @@ class _EvalExample:
       "gt_valid": np.arange(s) < n,
       **{k: targets[k] for k in TRAIN_KEYS[1:]},
     }
+
+  def _name(self, key: int, element) -> str:
+    """How errors name an example: its split, record index, image id and file, if stored."""
+    name = f"example {key} of split {self._split!r} (image_id {int(element['image_id'])}"
+    file_name = element.get("file_name")
+    if file_name is not None:
+      file_name = file_name.decode() if isinstance(file_name, bytes) else str(file_name)
+      name += f", {file_name}"
+    return name + ")"
 
   def _padding(self) -> dict[str, np.ndarray]:
     h, w = self._eval_size
@@ -365,8 +417,9 @@ def create_eval_loader(
   - `image` float32 `[b, H, W, 3]`; `is_real` bool `[b]`; `index` int32 `[b]` (record index in
     the split, -1 for padding); `image_id` int32 `[b]`;
   - `image_size` int32 `[b, 2]`: the original `(h, w)`; `resized_size` int32 `[b, 2]`: the size
-    of the image inside the padded canvas (equal unless the image was larger than `eval_size`):
-    crop predictions to it, then resize to `image_size`;
+    of the image inside the padded canvas (after the test resize `dataset.eval_short_side`, or
+    without one equal unless the image was larger than `eval_size`): crop predictions to it,
+    then resize to `image_size`;
   - raw ground truth at the eval resolution: `panoptic` int32 `[b, H, W]` segment ids (0 = void
     and padding), and per segment `gt_ids` int32 `[b, S]`, `gt_labels` int32 `[b, S]` (training
     label, -1 for categories outside the task's label space), `gt_isthing`, `gt_iscrowd`,
@@ -380,11 +433,6 @@ def create_eval_loader(
     process_count: number of processes (default `jax.process_count()`).
     worker_count: grain worker processes (default `config.worker_count`).
   """
-  # Evaluating without the reference's test resize would silently change the metrics.
-  if config.eval_short_side:
-    raise NotImplementedError(
-      "dataset.eval_short_side (the reference's test resize) lands with the real datasets"
-    )
   validate_dataset_config(config)
   meta = dataset_metadata(config)
   index, count = _processes(process_index, process_count)

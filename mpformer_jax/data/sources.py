@@ -6,7 +6,11 @@ import os
 
 import tensorflow_datasets as tfds
 
-from mpformer_jax.data import synthetic_builder
+# Importing `prepare` registers the real-data builders with TFDS (it imports their modules, not
+# TensorFlow). This must happen before any `tfds.builder` call: looking up a name TFDS does not
+# know makes it load its own builders, among them a TF-based "cityscapes" that would take the
+# name of ours.
+from mpformer_jax.data import prepare, synthetic_builder
 
 
 def open_source(config, split_field: str):
@@ -20,7 +24,8 @@ def open_source(config, split_field: str):
     A TFDS random-access source: `len()` and `source[i]` -> dict of decoded numpy features.
 
   Raises:
-    ValueError: if the split does not exist.
+    ValueError: if the split does not exist, or a real dataset is not prepared in
+      `config.data_dir`.
   """
   data_dir = os.path.expanduser(config.data_dir)
   if config.name == synthetic_builder.NAME:
@@ -28,6 +33,15 @@ def open_source(config, split_field: str):
     builder = synthetic_builder.ensure_built(
       data_dir, tuple(s.image_size), s.num_train, s.num_validation, s.max_instances, s.seed
     )
+  elif config.name in prepare.BUILDERS:
+    # Our class itself, not a lookup by name, so no other builder of that name can answer.
+    builder = prepare.BUILDERS[config.name](data_dir=data_dir)
+    if not builder.is_prepared():
+      raise ValueError(
+        f"dataset.name: {config.name!r} is not prepared in {data_dir}; build it from the raw "
+        f"files with `python -m mpformer_jax.data.prepare --dataset {config.name} "
+        f"--manual_dir RAW --data_dir {data_dir}`"
+      )
   else:
     builder = tfds.builder(config.name, data_dir=data_dir)
   split = getattr(config, split_field)

@@ -7,8 +7,10 @@ binary mask is `segment_ids == ids[j]` and id 0 is "no segment" (background of e
 Rules, in order:
 
 1. Pixels whose id is not listed in `segments` (0 = void in COCO) map to 0.
-2. Crowd segments are ignored in every task: their pixels map to 0 (Mask2Former's dataset mappers
-   also drop crowd regions from the targets).
+2. Crowd segments are ignored in the panoptic and instance tasks: their pixels map to 0
+   (Mask2Former's panoptic and instance mappers drop crowd regions). The semantic task keeps
+   them as their class, as the reference's semantic labels do (detectron2's COCO semantic
+   labels from panoptic annotations, Cityscapes' `labelTrainIds` for "group" regions).
 3. Task selection: "panoptic" keeps every remaining segment; "instance" keeps thing segments
    only (stuff pixels map to 0); "semantic" merges all kept segments (stuff and things) of a
    class into one target whose id is `label + 1`.
@@ -77,7 +79,7 @@ def panoptic_to_targets(
   if task not in TASKS:
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
   seg = segments_as_arrays(segments)
-  keep = ~seg["iscrowd"]
+  keep = np.ones_like(seg["iscrowd"]) if task == "semantic" else ~seg["iscrowd"]
   if task == "instance":
     keep &= np.isin(seg["category_id"], np.asarray(thing_category_ids, np.int64))
   # Only kept segments need a label (the instance task's label space has no stuff classes).

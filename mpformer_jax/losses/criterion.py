@@ -150,10 +150,68 @@ def mask_losses(
   slot_coords = coords.reshape(b, reps, m, -1, 2).transpose(1, 0, 2, 3, 4)
   labels = jax.vmap(lambda c: sample_masks(targets, c))(slot_coords)  # [reps, B, M, P]
   labels = labels.transpose(1, 0, 2, 3).reshape(b, n, -1)
-  bce = jnp.mean(jax.nn.softplus(logits) - logits * labels, axis=-1)  # BCE with logits
-  probs = jax.nn.sigmoid(logits)
+  softplus, probs = matcher_lib.softplus_and_sigmoid(logits)
+  bce = jnp.mean(softplus - logits * labels, axis=-1)  # BCE with logits
   dice = 1 - (2 * jnp.sum(probs * labels, -1) + 1) / (probs.sum(-1) + labels.sum(-1) + 1)
   return jnp.sum(jnp.where(pair_valid, bce, 0.0)), jnp.sum(jnp.where(pair_valid, dice, 0.0))
+
+
+def matching_costs(
+  preds: list[dict[str, jax.Array]],
+  mask_features: jax.Array,
+  targets: Targets,
+  coords: jax.Array,
+  weights: matcher_lib.CostWeights,
+) -> jax.Array:
+  """The matcher's cost matrices of every prediction, one prediction at a time.
+
+  Mask logits at points come by the cheaper of two exact routes (bilinear sampling is linear, so
+  sampling the masks `embed . features` equals the embedding's product with the sampled
+  features). With `P` points and `h * w` mask pixels, masks first cost a `Q x C x h w` product
+  and features first a `Q x C x P` one: masks first when they have fewer pixels than there are
+  points (64 x 64 = 4096 < 12544 at 256 x 256 inputs).
+
+  `lax.map` over the predictions keeps each one's `[B, P, Q]` point logits (50 MB at R50,
+  batch 2, 12544 points) in cache while the costs consume them: measured 3.5x faster than
+  batching all predictions at once at 256 x 256 on XLA:CPU.
+
+  Args:
+    preds: the L predictions (`pred_logits` `[B, Q, K + 1]`, `mask_embed` `[B, Q, C]`).
+    mask_features: `[B, h, w, C]`.
+    targets: the batch's `Targets`.
+    coords: `[L, B, P, 2]` normalised points (per prediction and image).
+    weights: the cost weights.
+
+  Returns:
+    float32 `[L, B, Q, M]`, without gradient.
+  """
+  _, h, w, _ = mask_features.shape
+  masks_first = h * w <= coords.shape[2]
+
+  def one_prediction(inputs):
+    embed, logits, points = inputs
+    if masks_first:
+      masks = jnp.einsum("bqc,bhwc->bhwq", embed, mask_features, preferred_element_type=jnp.float32)
+      point_logits = point_sample(masks, points)  # [B, P, Q]
+    else:
+      feats_at = point_sample(mask_features, points)  # [B, P, C]
+      point_logits = jnp.einsum(
+        "bqc,bpc->bpq", embed, feats_at.astype(embed.dtype), preferred_element_type=jnp.float32
+      )
+    return matcher_lib.pairwise_costs(
+      logits,
+      point_logits,
+      targets.labels,
+      sample_masks(targets, points),
+      targets.valid,
+      weights,
+      points_first=True,
+    )
+
+  embeds = jnp.stack([p["mask_embed"] for p in preds])  # [L, B, Q, C]
+  logits = jnp.stack([p["pred_logits"] for p in preds])  # [L, B, Q, K+1]
+  inputs = jax.lax.stop_gradient((embeds, logits, coords))
+  return jax.lax.map(one_prediction, inputs)
 
 
 def _gather_queries(x: jax.Array, query: jax.Array) -> jax.Array:
@@ -207,28 +265,14 @@ def set_criterion(
     match_coords = controlled["matcher_points"]
   else:
     match_coords = jax.random.uniform(matcher_rng, (num_preds, b, cfg.num_points, 2))
-  # Mask logits at points = embedding . bilinear(mask_features, point): exact (bilinear sampling
-  # is linear) and avoids the full-resolution masks of all queries.
-  feats_at = jax.vmap(lambda c: point_sample(mask_features, c))(match_coords)  # [L, B, P, C]
-  embeds = jnp.stack([p["mask_embed"] for p in preds])  # [L, B, Q, C]
-  logits_all = jnp.stack([p["pred_logits"] for p in preds])  # [L, B, Q, K+1]
-  point_logits = jnp.einsum(
-    "lbqc,lbpc->lbqp", embeds, feats_at.astype(embeds.dtype), preferred_element_type=jnp.float32
-  )
-  gt_at = jax.vmap(lambda c: sample_masks(targets, c))(match_coords)  # [L, B, M, P]
-  cost = matcher_lib.pairwise_costs(
-    logits_all,
-    point_logits,
-    targets.labels[None],
-    gt_at,
-    targets.valid[None],
-    cfg.matcher_weights,
+  cost = matching_costs(
+    preds, jax.lax.stop_gradient(mask_features), targets, match_coords, cfg.matcher_weights
   )
   query_of_gt = matcher_lib.match(cost, targets.valid, cfg.matcher, cfg.batch_axes)  # [L, B, M]
 
   terms = {}
   total = jnp.zeros((), jnp.float32)
-  num_classes = logits_all.shape[-1] - 1
+  num_classes = preds[0]["pred_logits"].shape[-1] - 1
   suffix = lambda i: "" if i == num_preds - 1 else f"_{i}"
 
   for i, pred in enumerate(preds):

@@ -94,7 +94,13 @@ def predict_files(config, workdir: str, input_path: str, output_dir: str) -> dic
       inputs = np.zeros((batch_size, *canvas, 3), np.float32)
       sizes = np.zeros((batch_size, 2), np.int32)
       for n, image in enumerate(originals):
-        inputs[n], sizes[n] = transforms.inference_transform(image, canvas)
+        inputs[n], sizes[n] = transforms.inference_transform(
+          image,
+          canvas,
+          config.dataset.eval_short_side,
+          config.dataset.eval_max_size,
+          name=paths[chunk[n]],
+        )
       local = {
         "image": inputs,
         "resized_size": sizes,

@@ -21,7 +21,7 @@ from mpformer_jax import models
 from mpformer_jax.data import pipeline
 from mpformer_jax.losses.criterion import LossConfig
 from mpformer_jax.targets import Targets
-from mpformer_jax.training import checkpointing, optimizer, reporting, sharding
+from mpformer_jax.training import checkpointing, optimizer, reporting, sharding, slot_buckets
 from mpformer_jax.training.evaluation_loop import Evaluation
 from mpformer_jax.training.monitors import (
   CompileCounter,
@@ -62,6 +62,7 @@ def validate_config(config) -> None:
       f"model.mask_pilot.group_size={pilot.group_size} != loss.group_size="
       f"{config.loss.group_size}: both are the reference's images per GPU"
     )
+  slot_buckets.bucket_sizes(tuple(t.gt_slot_buckets), config.dataset.max_gt)
   if config.model.num_classes != config.dataset.num_classes:
     raise ValueError(
       f"model.num_classes={config.model.num_classes} != dataset.num_classes="
@@ -275,10 +276,18 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
     pending = None
     step = start_step
     compiled_by_first_step = None
+    slot_sizes = slot_buckets.bucket_sizes(tuple(t.gt_slot_buckets), config.dataset.max_gt)
+    sizes_met = {int(config.dataset.max_gt)} if len(slot_sizes) == 1 else set()
     with CompileCounter() as compiles, PreemptionWatch(manager) as preemption:
       try:
         for step in range(start_step + 1, last_step + 1):
           batch = next(data_iter)
+          if len(slot_sizes) > 1:
+            size = slot_buckets.choose_bucket(
+              slot_buckets.largest_count(batch["valid"]), slot_sizes
+            )
+            batch = slot_buckets.cut_slots(batch, size)
+            sizes_met.add(size)
           images, targets = _global_batch(batch, mesh)
           state, metrics = train_step(state, images, targets)  # compiles (if at all) here
           if compiled_by_first_step is None:
@@ -308,7 +317,10 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
         raise
       finally:
         profiler.close()
-    recompiles = compiles.counts["train_step"] - (compiled_by_first_step or 0)
+    # One compile per slot size met is expected (one size without `gt_slot_buckets`).
+    recompiles = max(compiles.counts["train_step"] - (compiled_by_first_step or 0), 0)
+    if len(slot_sizes) > 1:
+      recompiles = max(compiles.counts["train_step"] - len(sizes_met), 0)
     if recompiles:
       logging.warning("The train step recompiled %d times after its first step", recompiles)
     if restored is not None and start_step >= t.total_steps:
@@ -325,6 +337,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
     "skipped_steps_this_run": guard.total,
     "train_step_compiles": compiles.counts["train_step"],
     "train_step_recompiles": recompiles,
+    "gt_slot_sizes_met": sorted(sizes_met),
     **results,
   }
 
