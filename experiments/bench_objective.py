@@ -138,7 +138,7 @@ def bench_train_steps(args, rng):
     cases.append((f"segments_{args.few}_cut_to_{args.bucket}", args.few, args.bucket))
   if not args.no_full:
     cases.append((f"segments_{args.max_gt}", args.max_gt, None))
-  for key, count, bucket in cases:
+  for case, count, bucket in cases:
     targets = synthetic_targets(rng, args.batch, size, args.max_gt, count, args.classes)
     if bucket:
       targets = Targets(
@@ -163,11 +163,12 @@ def bench_train_steps(args, rng):
           jax.block_until_ready(step(params, opt_state, state, images, targets, key))
           times[name].append(1e3 * (time.perf_counter() - start))
     medians = {name: float(np.median(t)) for name, t in times.items()}
-    results[key] = {
+    results[case] = {
       "baseline_ms": round(medians["baseline"], 1),
       "mask_pilot_ms": round(medians["mask_pilot"], 1),
       "mask_pilot_over_baseline": round(medians["mask_pilot"] / medians["baseline"], 3),
     }
+    print(json.dumps({case: results[case]}), file=sys.stderr, flush=True)
   return results
 
 

@@ -7,9 +7,10 @@ The cost of assigning query q to GT segment j (spec section 3) is
     + dice_weight  * (1 - (2 sum_p s t + 1) / (sum_p s + sum_p t + 1)),   s = sigmoid(mask_q(p))
 
 over points p shared by all queries and segments of an image. Costs are computed on the device
-for every prediction at once; the assignment is solved either on the host with scipy (through
-one `jax.pure_callback` per step, inside `jax.shard_map` so that each device solves only its own
-images) or on the device with optax's exact Hungarian algorithm. Both give the same matches.
+(`criterion.matching_costs`, one prediction at a time); the assignments of all predictions are
+solved together, either on the host with scipy (through one `jax.pure_callback` per step,
+inside `jax.shard_map` so that each device solves only its own images) or on the device with
+optax's exact Hungarian algorithm. Both give the same matches.
 """
 
 from __future__ import annotations
