@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 from PIL import Image
@@ -276,3 +277,33 @@ def write_cityscapes(
   Image.fromarray(labels.astype(np.uint8)).save(paths[1])
   Image.fromarray(instances.astype(np.uint16)).save(paths[2])
   return paths, image, instances
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad-data checks shared by the ADE20K and Cityscapes tests.
+
+
+def check_bad_train_example(name: str, raw, tmp_path, bad_file, reason: str) -> None:
+  """`raw` (one train and one validation example; the train one bad) fails a strict build of
+  dataset `name` naming `bad_file`, and a `skip_bad` build leaves it out and reports it."""
+  import pytest
+  import tensorflow_datasets as tfds
+
+  from mpformer_jax.data.prepare import prepare
+  from mpformer_jax.data.raw_io import BadExampleError
+
+  with pytest.raises(BadExampleError, match=re.escape(str(bad_file))) as error:
+    prepare(name, str(raw), str(tmp_path / "strict"))
+  assert error.value.file == str(bad_file) and reason in error.value.problem
+
+  data_dir = str(tmp_path / "lenient")
+  builder, report = prepare(name, str(raw), data_dir, skip_bad=True)
+  assert report.skip_bad and len(report.skipped) == 1
+  skipped_file, skipped_reason = report.skipped[0]
+  assert skipped_file == str(bad_file) and reason in skipped_reason
+  assert report.examples == {"train": 1, "validation": 1}
+  assert report.skipped_per_split == {"train": 1, "validation": 0}
+  assert len(builder.as_data_source("train")) == 1
+  assert len(builder.as_data_source("validation")) == 1
+  # The report survives in the prepared data, for every later reader.
+  assert tfds.builder(name, data_dir=data_dir).report == report

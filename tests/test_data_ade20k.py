@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import sys
 
 import numpy as np
@@ -11,7 +10,7 @@ from PIL import Image
 
 from mpformer_jax.data import ade20k_categories, dataset_metadata, default_dataset_config, pipeline
 from mpformer_jax.data import panoptic_png as png
-from tests.raw_datasets import SIZE, ade_image, ade_label_map, write_ade20k
+from tests.raw_datasets import SIZE, ade_image, ade_label_map, check_bad_train_example, write_ade20k
 
 
 @pytest.fixture(scope="module")
@@ -172,28 +171,8 @@ BAD_CASES = {
 
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
 def test_bad_example_raises_or_is_skipped_and_reported(case, tmp_path):
-  import tensorflow_datasets as tfds
-
-  from mpformer_jax.data.prepare import prepare
-  from mpformer_jax.data.raw_io import BadExampleError
-
   raw = tmp_path / "raw"
   write_ade20k(raw, "train", 1, ade_image(1), ade_label_map(0))
   write_ade20k(raw, "validation", 1, ade_image(2), ade_label_map(1))
   bad_file, reason = BAD_CASES[case](raw)
-
-  with pytest.raises(BadExampleError, match=re.escape(str(bad_file))) as error:
-    prepare("ade20k_semantic", str(raw), str(tmp_path / "strict"))
-  assert error.value.file == str(bad_file) and reason in error.value.problem
-
-  data_dir = str(tmp_path / "lenient")
-  builder, report = prepare("ade20k_semantic", str(raw), data_dir, skip_bad=True)
-  assert report.skip_bad and len(report.skipped) == 1
-  skipped_file, skipped_reason = report.skipped[0]
-  assert skipped_file == str(bad_file) and reason in skipped_reason
-  assert report.examples == {"train": 1, "validation": 1}
-  assert report.skipped_per_split == {"train": 1, "validation": 0}
-  assert len(builder.as_data_source("train")) == 1
-  assert len(builder.as_data_source("validation")) == 1
-  # The report survives in the prepared data, for every later reader.
-  assert tfds.builder("ade20k_semantic", data_dir=data_dir).report == report
+  check_bad_train_example("ade20k_semantic", raw, tmp_path, bad_file, reason)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import re
 import sys
 
 import numpy as np
@@ -17,7 +16,7 @@ from mpformer_jax.data import (
   pipeline,
 )
 from mpformer_jax.data import panoptic_png as png
-from tests.raw_datasets import cityscapes_annotation, write_cityscapes
+from tests.raw_datasets import check_bad_train_example, cityscapes_annotation, write_cityscapes
 
 # The written example's segments (`raw_datasets.cityscapes_annotation`).
 SEGMENT_IDS = [7, 11, 23, 24, 24000, 26000, 26001]
@@ -221,28 +220,8 @@ BAD_CASES = {
 
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
 def test_bad_example_raises_or_is_skipped_and_reported(case, tmp_path):
-  import tensorflow_datasets as tfds
-
-  from mpformer_jax.data.prepare import prepare
-  from mpformer_jax.data.raw_io import BadExampleError
-
   raw = tmp_path / "raw"
   write_cityscapes(raw, "train", "aachen", 1)
   write_cityscapes(raw, "validation", "lindau", 2)
   bad_file, reason = BAD_CASES[case](raw)
-
-  with pytest.raises(BadExampleError, match=re.escape(str(bad_file))) as error:
-    prepare("cityscapes", str(raw), str(tmp_path / "strict"))
-  assert error.value.file == str(bad_file) and reason in error.value.problem
-
-  data_dir = str(tmp_path / "lenient")
-  builder, report = prepare("cityscapes", str(raw), data_dir, skip_bad=True)
-  assert report.skip_bad and len(report.skipped) == 1
-  skipped_file, skipped_reason = report.skipped[0]
-  assert skipped_file == str(bad_file) and reason in skipped_reason
-  assert report.examples == {"train": 1, "validation": 1}
-  assert report.skipped_per_split == {"train": 1, "validation": 0}
-  assert len(builder.as_data_source("train")) == 1
-  assert len(builder.as_data_source("validation")) == 1
-  # The report survives in the prepared data, for every later reader.
-  assert tfds.builder("cityscapes", data_dir=data_dir).report == report
+  check_bad_train_example("cityscapes", raw, tmp_path, bad_file, reason)
