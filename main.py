@@ -64,8 +64,13 @@ def main(argv):
 
     written = prediction.predict_files(config, FLAGS.workdir, FLAGS.input, FLAGS.output)
     print(f"Predicted {written['num_images']} images with step {written['step']}:")
+    if written["num_enlarged"]:
+      print(
+        f"  {written['num_enlarged']} larger than dataset.eval_original_size: predicted "
+        "smaller, maps enlarged by nearest neighbour"
+      )
     for key, path in written.items():
-      if key not in ("num_images", "step"):
+      if key not in ("num_images", "step", "num_enlarged"):
         print(f"  {key}: {path}")
     return
   if FLAGS.mode == "train":

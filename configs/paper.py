@@ -155,32 +155,55 @@ def coco_dataset(task: str) -> ml_collections.ConfigDict:
   # either orientation: 1333 rounded up to a multiple of 32.
   dataset.eval_short_side, dataset.eval_max_size = 800, 1333
   dataset.eval_size = (1344, 1344)
+  # Scoring happens at the original size (spec section 5); no COCO image is longer than 640.
+  dataset.eval_original_size = (640, 640)
   dataset.eval_max_segments = EVAL_MAX_SEGMENTS
   return dataset
 
 
-def ade20k_dataset(backbone: str) -> ml_collections.ConfigDict:
-  """ADE20K SceneParsing (150 classes), semantic, with the short-side augmentation.
+def ade20k_dataset(backbone: str, task: str = "semantic") -> ml_collections.ConfigDict:
+  """ADE20K (150 classes, 100 of them things) for one task, with the short-side augmentation.
+
+  The semantic task reads `ade20k_semantic` (the SceneParsing annotations, as [M2F]'s semantic
+  models do). Panoptic and instance read `ade20k_panoptic`, [M2F]'s panoptic ground truth
+  (datasets/prepare_ade20k_pan_seg.py): its things are the masks of [M2F]'s instance ground
+  truth (prepare_ade20k_ins_seg.py), and the instance task keeps the 100 thing classes.
 
   Args:
-    backbone: "resnet50" (512 crop) or "swin_large" (640 crop, [M2F]'s `_res640` config).
+    backbone: "resnet50" or "swin_large". Semantic crops 512 (ResNet-50) or 640 (Swin-L,
+      [M2F]'s `_res640` config); panoptic and instance crop 640 with either.
+    task: "semantic", "panoptic" or "instance".
   """
-  base = 640 if backbone == "swin_large" else 512
+  if task not in ("semantic", "panoptic", "instance"):
+    raise ValueError(f"task: expected semantic, panoptic or instance, got {task!r}")
+  base = 640 if backbone == "swin_large" or task != "semantic" else 512
   dataset = default_dataset_config()
-  dataset.name, dataset.task, dataset.num_classes = "ade20k_semantic", "semantic", 150
+  if task == "semantic":
+    dataset.name, dataset.task, dataset.num_classes = "ade20k_semantic", "semantic", 150
+  else:
+    dataset.name, dataset.task = "ade20k_panoptic", task
+    dataset.num_classes = 100 if task == "instance" else 150
   dataset.augmentation = "short_side"
   # [M2F] configs/ade20k/semantic-segmentation/Base-ADE20K-SemanticSegmentation.yaml (spec
   # section 4) and, for 640, [MP] .../swin/maskformer2_swin_large_IN21k_384_bs16_160k_res640_
-  # steplr.yaml: MIN_SIZE_TRAIN [int(x * 0.1 * base) for x in range(5, 21)], MAX_SIZE_TRAIN
-  # 4 * base, crop base x base with SINGLE_CATEGORY_MAX_AREA 1.0, COLOR_AUG_SSD, flip; the
-  # mapper pads to SIZE_DIVISIBILITY = base (our pad to crop_size).
+  # steplr.yaml; panoptic / instance: [M2F] configs/ade20k/{panoptic,instance}-segmentation/
+  # Base-ADE20K-{Panoptic,Instance}Segmentation.yaml (spec 4, base 640): MIN_SIZE_TRAIN
+  # [int(x * 0.1 * base) for x in range(5, 21)], MAX_SIZE_TRAIN 4 * base, crop base x base with
+  # SINGLE_CATEGORY_MAX_AREA 1.0 (the instance mapper's plain RandomCrop is the same crop),
+  # COLOR_AUG_SSD, flip; the mapper pads to SIZE_DIVISIBILITY = base (our pad to crop_size).
   dataset.crop_size = (base, base)
   dataset.short_side.sizes = tuple(int(x * 0.1 * base) for x in range(5, 21))
   dataset.short_side.max_size = 4 * base
   dataset.short_side.single_category_max_area = 1.0
   dataset.short_side.color_jitter = True
-  # A semantic target is one segment per class present: 150 slots can never overflow.
-  dataset.max_gt = 150
+  if task == "semantic":
+    # A semantic target is one segment per class present: 150 slots can never overflow.
+    dataset.max_gt = 150
+  else:
+    # [inference] The reference has no cap. ADE20K scenes can be busy (rooms full of chairs,
+    # books, bottles); 128 leaves margin, and drops are counted (`segments_dropped`). The cost
+    # is the mask pilot's block of `groups * max_gt` queries.
+    dataset.max_gt = 128
   # MIN_SIZE_TEST base, MAX_SIZE_TEST 4 * base. [inference] The canvas holds either
   # orientation of the longest resize (a 16x larger canvas than a typical 4:3 image needs).
   dataset.eval_short_side, dataset.eval_max_size = base, 4 * base

@@ -218,6 +218,63 @@ def write_ade20k(raw, split: str, index: int, image: np.ndarray, label: np.ndarr
   return image_path, label_path
 
 
+# Instance classes (R channel of the instance PNGs) of some ADE20K thing classes: instance class
+# k is the k-th thing class in increasing id order (Mask2Former's
+# `ade20k_instance_catid_mapping.txt`).
+ADE_BED, ADE_PERSON, ADE_CHAIR, ADE_FLAG = 1, 4, 8, 100  # semantic classes 8, 13, 20, 150
+
+
+def ade_panoptic_annotation(seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """A semantic annotation uint8 `[32, 48]` and the matching instance PNG uint8 `[32, 48, 3]`.
+
+  Semantic: sky (3), wall / building (1 + seed), grass (10), person (13), flag (150), void.
+  Instances (R = instance class, G = instance id, B = noise the reference ignores):
+
+  - G 1 and G 2: two persons on the person pixels, leaving a column of person pixels between
+    them without an instance (void in the panoptic map);
+  - G 5: a chair over sky and wall pixels (the stuff it overwrites is counted);
+  - G 7: a bed covering all of the grass (an emptied stuff segment, removed);
+  - G 9: the flag, on its semantic pixels;
+  - a pixel with a class but no instance id (R > 0, G = 0): ignored, it stays wall.
+  """
+  label = np.zeros(SIZE, np.uint8)
+  label[:12] = 3  # sky
+  label[12:, :20] = 1 + seed  # wall / building
+  label[0:2, 44:48] = 10  # grass
+  label[14:30, 22:40] = 13  # person
+  label[20:26, 42:] = 150  # flag
+  label[28:, 40:] = 0  # "other": void
+  instances = np.zeros((*SIZE, 3), np.uint8)
+  for g, r, (rows, cols) in (
+    (1, ADE_PERSON, (slice(14, 30), slice(22, 30))),
+    (2, ADE_PERSON, (slice(14, 30 - seed), slice(32, 40))),
+    (5, ADE_CHAIR, (slice(8, 16), slice(4, 12))),
+    (7, ADE_BED, (slice(0, 4), slice(40, 48))),
+    (9, ADE_FLAG, (slice(20, 26), slice(42, 48))),
+  ):
+    instances[rows, cols] = (r, g, 0)
+  instances[..., 2] = np.random.default_rng(seed).integers(0, 256, SIZE, dtype=np.uint8)
+  instances[31, 0] = (ADE_PERSON, 0, 0)
+  return label, instances
+
+
+def ade_instance_path(raw, split: str, index: int):
+  """The instance annotation path of example `index` of `split`; creates its directory."""
+  directory, prefix = ADE_SPLITS[split]
+  path = raw / ADE_ROOT / "annotations_instance" / directory / f"ADE_{prefix}_{index:08d}.png"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  return path
+
+
+def write_ade20k_panoptic(raw, split: str, index: int, image, label, instances):
+  """Writes one example as the official files: JPEG, uint8 L semantic PNG, uint8 RGB instance
+  PNG. Returns the three paths."""
+  image_path, label_path = write_ade20k(raw, split, index, image, label)
+  instance_path = ade_instance_path(raw, split, index)
+  Image.fromarray(instances).save(instance_path)
+  return image_path, label_path, instance_path
+
+
 # ---------------------------------------------------------------------------------------------
 # Cityscapes fine.
 

@@ -554,10 +554,25 @@ def test_eval_loader_applies_the_test_resize(config):
     np.testing.assert_array_equal(batch["image_size"][b], [48, 80])
     np.testing.assert_array_equal(batch["resized_size"][b], [64, 107])
     element = source[int(batch["index"][b])]
-    want = transforms.resize_ids(panoptic_png.rgb_to_id(element["panoptic"]), (64, 107))
-    np.testing.assert_array_equal(batch["panoptic"][b, :, :107], want)
-    assert not batch["panoptic"][b, :, 107:].any()
-  # An eval_size that cannot hold the resize fails, naming the example.
+    original = panoptic_png.rgb_to_id(element["panoptic"])
+    # The network sees the resized image; its training targets follow it.
+    resized = transforms.resize_ids(original, (64, 107))
+    ids = batch["ids"][b][batch["valid"][b]]
+    np.testing.assert_array_equal(np.isin(resized, ids), batch["segment_ids"][b, :, :107] > 0)
+    assert not batch["segment_ids"][b, :, 107:].any()
+    # The ground truth that is scored keeps the original size (in the eval_size canvas here).
+    assert batch["panoptic"].shape == (4, 64, 128)
+    np.testing.assert_array_equal(batch["panoptic"][b, :48, :80], original)
+    assert not batch["panoptic"][b, 48:].any() and not batch["panoptic"][b, :, 80:].any()
+  # A canvas of its own for the original size.
+  own = _copy(config, eval_original_size=(50, 81))
+  batch = next(iter(pipeline.create_eval_loader(own, 4, process_index=0, process_count=1)))
+  assert batch["panoptic"].shape == (4, 50, 81) and batch["image"].shape == (4, 64, 128, 3)
+  # An eval_size that cannot hold the resize fails, naming the example; so does an original
+  # canvas that cannot hold the original.
   small = _copy(config, eval_size=(64, 96))
   with pytest.raises(ValueError, match="example 0 of split 'validation'.*eval_size"):
+    next(iter(pipeline.create_eval_loader(small, 4, process_index=0, process_count=1)))
+  small = _copy(config, eval_original_size=(48, 79))
+  with pytest.raises(ValueError, match="example 0 of split 'validation'.*eval_original_size"):
     next(iter(pipeline.create_eval_loader(small, 4, process_index=0, process_count=1)))

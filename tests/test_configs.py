@@ -60,6 +60,8 @@ PAPER = {
   ),
   "ade20k_semantic_r50": ("resnet50", 100, 150, (512, 512), ADE20K, "poly", 1, 0.0),
   "ade20k_semantic_swin_l": ("swin_large", 100, 150, (640, 640), ADE20K, "poly", 1, 0.0),
+  "ade20k_panoptic_r50": ("resnet50", 100, 150, (640, 640), ADE20K, "poly", 1, 0.0),
+  "ade20k_instance_r50": ("resnet50", 100, 100, (640, 640), ADE20K, "poly", 1, 0.0),
   "cityscapes_semantic_r50": (
     "resnet50",
     100,
@@ -186,6 +188,18 @@ def test_datasets():
     640,
     2560,
   )
+  # Panoptic and instance: one panoptic dataset, 640 crops with either backbone (spec 4).
+  for task, classes in (("panoptic", 150), ("instance", 100)):
+    pan = _module(f"ade20k_{task}_r50").get_config().dataset
+    assert (pan.name, pan.task, pan.num_classes) == ("ade20k_panoptic", task, classes)
+    assert pan.augmentation == "short_side" and pan.max_gt == 128
+    assert pan.short_side.sizes == (320, 384, 448, 512, 576, 640, 704, 768, 832, 896, 960,
+                                    1024, 1088, 1152, 1216, 1280)  # fmt: skip
+    assert pan.short_side.color_jitter and pan.short_side.single_category_max_area == 1.0
+    assert (pan.short_side.max_size, pan.eval_short_side, pan.eval_max_size) == (2560, 640, 2560)
+    assert tuple(pan.eval_size) == (2560, 2560) and pan.flip
+  with pytest.raises(ValueError, match="task: expected semantic, panoptic or instance"):
+    paper.ade20k_dataset("resnet50", task="depth")
 
   for task, classes in (("semantic", 19), ("instance", 8), ("panoptic", 19)):
     city = _module(f"cityscapes_{task}_r50").get_config().dataset
@@ -313,6 +327,7 @@ def test_loaders_of_paper_configs_name_the_missing_dataset_and_how_to_prepare_it
   # opening the dataset, and say how to prepare it when it is missing.
   for name, make in (
     ("ade20k_semantic", lambda d: pipeline.create_train_loader(d, 16, 0, 0, 1)),
+    ("ade20k_panoptic", lambda d: pipeline.create_train_loader(d, 16, 0, 0, 1)),
     ("coco_panoptic", lambda d: pipeline.create_eval_loader(d, 16, 0, 1)),
   ):
     dataset = _module(f"{name}_r50").get_config().dataset

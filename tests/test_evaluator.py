@@ -6,12 +6,15 @@ must score less, by amounts checked against `pq_compute` and a direct confusion 
 
 from __future__ import annotations
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from mpformer_jax.data import pipeline
 from mpformer_jax.data.metadata import dataset_metadata
-from mpformer_jax.evaluation import evaluator
+from mpformer_jax.evaluation import evaluator, postprocess
 from mpformer_jax.evaluation.panoptic import pq_compute
 
 QUERIES = 40  # >= eval_max_segments, so every GT segment can have its own query
@@ -133,3 +136,75 @@ def test_semantic_ground_truth_maps_void_and_unlisted_ids_to_ignore():
     evaluator.semantic_ground_truth(pan, segments), [[255, 2, 2], [0, 255, 0]]
   )
   np.testing.assert_array_equal(evaluator.semantic_ground_truth(pan, []), np.full((2, 3), 255))
+
+
+class _FixedOutputs(nn.Module):
+  """Stands in for the network: returns given class and mask logits (the step under test is
+  the post-processing around it)."""
+
+  logits: np.ndarray
+  masks: np.ndarray
+
+  @nn.compact
+  def __call__(self, images, train=False):
+    del images, train
+    return {"pred_logits": jnp.asarray(self.logits), "pred_masks": jnp.asarray(self.masks)}
+
+
+@pytest.mark.parametrize("task", ["panoptic", "semantic"])
+def test_predictions_are_scored_at_the_original_size_like_the_reference(task):
+  """Upsample to the padded input, crop, resize to the original size (torch), then infer.
+
+  Panoptic runs resize the mask logits before inference; semantic runs resize the per-class
+  scores after it (the reference's `sem_seg_postprocess_before_inference`).
+  """
+  import torch
+  import torch.nn.functional as F
+
+  config = pipeline.default_dataset_config()
+  config.task = task
+  meta = dataset_metadata(config)
+  k, q = meta.num_classes, 12
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(3, q, k + 1)).astype(np.float32) * 3
+  # Each query owns some 2 x 2 cells of the low-resolution masks, so that panoptic inference
+  # keeps several segments.
+  owner = rng.integers(0, q, size=(3, 1, 4, 5)).repeat(2, 2).repeat(2, 3)
+  masks = rng.normal(size=(3, q, 8, 10)) + np.where(owner == np.arange(q)[:, None, None], 4, -4)
+  masks = masks.astype(np.float32)
+  canvas, out_size = (32, 40), (45, 52)
+  resized = np.array([[32, 40], [24, 30], [0, 0]], np.int32)  # the last: a padding example
+  original = np.array([[45, 52], [19, 37], [0, 0]], np.int32)
+  settings = evaluator.EvalSettings(object_mask_threshold=0.5)  # a few queries more
+  predict = evaluator.make_predict_fn(_FixedOutputs(logits, masks), meta, settings, out_size)
+  semantic_gt = np.full((3, *out_size), evaluator.IGNORE_LABEL, np.int32)
+  semantic_gt[0, :10, :10] = 1  # a few labelled pixels, so the confusion matrix is used
+  images = np.zeros((3, *canvas, 3), np.float32)
+  out = jax.jit(predict)({}, images, resized, original, semantic_gt)
+  out = jax.tree.map(np.asarray, out)
+  assert out["semantic"].shape == (3, *out_size)
+  assert (out["semantic"][2] == -1).all()  # nothing of a padding example is scored
+  for b in range(2):
+    (rh, rw), (oh, ow) = resized[b], original[b]
+    up = F.interpolate(torch.from_numpy(masks[b : b + 1]), canvas, mode="bilinear")
+    cls = torch.softmax(torch.from_numpy(logits[b]), -1)[:, :-1]
+    if task == "semantic":
+      scores = torch.einsum("qk,qhw->khw", cls, up[0].sigmoid())[None, :, :rh, :rw]
+      want = F.interpolate(scores, (oh, ow), mode="bilinear")[0].argmax(0).numpy()
+    else:
+      logit = F.interpolate(up[:, :, :rh, :rw], (oh, ow), mode="bilinear")[0]
+      want = torch.einsum("qk,qhw->khw", cls, logit.sigmoid()).argmax(0).numpy()
+      # Panoptic inference on the torch-resized logits (checked against the reference loop in
+      # test_postprocess) gives our map.
+      ref = postprocess.panoptic_inference(
+        logits[b : b + 1], logit.numpy()[None], np.asarray(meta.label_isthing), 0.5
+      )
+      assert len(np.unique(ref.segment_map)) >= 4  # void and at least three segments
+      np.testing.assert_array_equal(
+        out["panoptic"]["segment_map"][b, :oh, :ow], np.asarray(ref.segment_map[0])
+      )
+      assert not out["panoptic"]["segment_map"][b, oh:].any()
+    got = out["semantic"][b, :oh, :ow]
+    assert (got == want).mean() > 0.999, (got != want).sum()  # float ties at most
+    assert (out["semantic"][b, oh:] == -1).all() and (out["semantic"][b, :, ow:] == -1).all()
+  assert int(out["confusion"].confusion().sum()) == 100

@@ -123,12 +123,18 @@ def _write_all(root) -> dict:
   raw.write_coco_panoptic(coco)
   raw.write_coco_instances(coco)
   _write_ade20k(root / "ade20k_semantic")
+  label, instances = raw.ade_panoptic_annotation(0)
+  for split in ("train", "validation"):
+    raw.write_ade20k_panoptic(
+      root / "ade20k_panoptic", split, 1, raw.ade_image(1), label, instances
+    )
   for split, city in (("train", "aachen"), ("validation", "lindau")):
     raw.write_cityscapes(root / "cityscapes", split, city, 1)
   return {
     "coco_panoptic": coco,
     "coco_instance": coco,
     "ade20k_semantic": str(root / "ade20k_semantic"),
+    "ade20k_panoptic": str(root / "ade20k_panoptic"),
     "cityscapes": str(root / "cityscapes"),
   }
 
@@ -153,8 +159,8 @@ def test_every_dataset_has_the_same_contract_and_report(tmp_path):
     fields = set(json.loads(report.to_json()))
     keys = keys or fields
     assert fields == keys == {f.name for f in dataclasses.fields(raw_io.BuildReport)}
-    # Only COCO instances have dataset-specific counts.
-    assert bool(report.counts) == (name == "coco_instance")
+    # Only COCO instances and ADE20K panoptic have dataset-specific counts.
+    assert bool(report.counts) == (name in ("coco_instance", "ade20k_panoptic"))
     assert os.path.exists(os.path.join(builder.data_dir, raw_io.REPORT_FILE))
     # Reuse: the stored report, without reading the raw files again.
     again, stored = prepare(name, str(tmp_path / "gone"), data_dir, skip_bad=True)

@@ -238,6 +238,7 @@ def test_predict_mode_writes_every_format_at_the_original_size(tmp_path, data_di
     flags=["--mode=predict", f"--input={inputs}", f"--output={output}"],
   )
   assert f"Predicted 3 images with step {STEPS}" in out, out[-3000:]
+  assert "1 larger than dataset.eval_original_size" in out, out[-3000:]  # b.png
 
   with open(output / "images.json") as f:
     images = json.load(f)
@@ -276,7 +277,11 @@ def test_predict_mode_writes_every_format_at_the_original_size(tmp_path, data_di
   meta = dataset_metadata(config.dataset)
   predict = jax.jit(
     evaluator.make_predict_fn(
-      model, meta, evaluator.EvalSettings.from_config(config.evaluation), with_confusion=False
+      model,
+      meta,
+      evaluator.EvalSettings.from_config(config.evaluation),
+      output_size=(64, 64),
+      with_confusion=False,
     )
   )
   batch = np.zeros((8, 64, 64, 3), np.float32)
@@ -285,7 +290,9 @@ def test_predict_mode_writes_every_format_at_the_original_size(tmp_path, data_di
     batch[n], sizes[n] = transforms.inference_transform(image, (64, 64))
   assert tuple(sizes[1]) == (64, 53)
   with jax.set_mesh(mesh):
-    outputs = jax.tree.map(np.asarray, predict(variables, batch, sizes, np.zeros((8, 64, 64))))
+    # b.png (96 x 80) does not fit the output canvas (eval_size): predicted at 64 x 53.
+    outputs = predict(variables, batch, sizes, sizes, np.zeros((8, 64, 64)))
+    outputs = jax.tree.map(np.asarray, outputs)
   p = outputs["panoptic"]
   for n, name, size in ((0, "a.png", (64, 64)), (1, "b.png", (96, 80))):
     h, w = sizes[n]

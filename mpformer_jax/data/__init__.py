@@ -9,7 +9,8 @@ Modules (import the ones you need; only `pipeline`, `sources`, `prepare`, `raw_i
 - `synthetic_shapes`: the procedural scene generator (numpy);
 - `synthetic_builder`: its TFDS builder (`synthetic_shapes`) and `ensure_built`;
 - `coco_builder`, `ade20k_builder`, `cityscapes_builder`: TFDS builders of the real datasets
-  (`coco_panoptic`, `coco_instance`, `ade20k_semantic`, `cityscapes`) from their raw files;
+  (`coco_panoptic`, `coco_instance`, `ade20k_semantic`, `ade20k_panoptic`, `cityscapes`) from
+  their raw files;
 - `raw_io`: what those share: bad-data errors, image readers, the build report, `RawBuilder`;
 - `prepare`: `prepare(name, manual_dir, data_dir, skip_bad)` and its command line
   (`python -m mpformer_jax.data.prepare --dataset NAME --manual_dir RAW --data_dir OUT`);

@@ -25,11 +25,11 @@ def default_dataset_config() -> ml_collections.ConfigDict:
 
   Fields:
     name: TFDS dataset name. "synthetic_shapes" is built on first use. The real datasets
-      ("coco_panoptic", "coco_instance", "ade20k_semantic", "cityscapes") are prepared from
-      their raw files with `python -m mpformer_jax.data.prepare --dataset NAME --manual_dir
-      RAW --data_dir DATA_DIR`. Any other name must be prepared in `data_dir` with the same
-      features (image, panoptic, image_id, segments) and have category metadata in
-      `mpformer_jax.data.metadata`.
+      ("coco_panoptic", "coco_instance", "ade20k_semantic", "ade20k_panoptic", "cityscapes")
+      are prepared from their raw files with `python -m mpformer_jax.data.prepare --dataset
+      NAME --manual_dir RAW --data_dir DATA_DIR`. Any other name must be prepared in `data_dir`
+      with the same features (image, panoptic, image_id, segments) and have category metadata
+      in `mpformer_jax.data.metadata`.
     data_dir: TFDS data directory (`~` is expanded); default `$TFDS_DATA_DIR` or
       `~/tensorflow_datasets`.
     task: "panoptic", "instance" or "semantic" (see `mpformer_jax.data.targets`).
@@ -73,6 +73,11 @@ def default_dataset_config() -> ml_collections.ConfigDict:
       at most `eval_max_size` (detectron2's `ResizeShortestEdge` at test time, sides rounded
       with `int(x + 0.5)`; id maps resized by nearest neighbour). 0 (the default) keeps the
       images' own size.
+    eval_original_size: `(H, W)` canvas that holds every evaluation image at its original size
+      (empty: `eval_size`). As in the reference, predictions are resized back to the original
+      size (detectron2's `sem_seg_postprocess`) and scored against the original ground truth;
+      an image larger than this canvas is an error naming it. A canvas no larger than the
+      dataset's biggest image keeps this step cheap (COCO: (640, 640)).
     eval_max_segments: slots for the raw ground truth of an evaluation image; an image with
       more segments is an error, since dropping ground truth would bias the metrics.
     worker_count: grain worker processes (0 = load in the main process).
@@ -106,6 +111,7 @@ def default_dataset_config() -> ml_collections.ConfigDict:
       "eval_size": (128, 128),
       "eval_short_side": 0,
       "eval_max_size": 0,
+      "eval_original_size": (),
       "eval_max_segments": 32,
       "worker_count": 0,
       "worker_buffer_size": 2,
@@ -148,6 +154,12 @@ def _size(config, name: str, multiple: int = 1, prefix: str = "dataset") -> tupl
   return h, w
 
 
+def eval_original_canvas(config) -> tuple[int, int]:
+  """The `(H, W)` canvas of evaluation ground truth and scored predictions (original sizes)."""
+  size = tuple(config.eval_original_size) or tuple(config.eval_size)
+  return int(size[0]), int(size[1])
+
+
 def validate_dataset_config(config) -> None:
   """Checks every field `default_dataset_config` documents.
 
@@ -164,6 +176,8 @@ def validate_dataset_config(config) -> None:
     _positive_int(config, "num_classes")
   _size(config, "crop_size", SIZE_MULTIPLE)
   _size(config, "eval_size", SIZE_MULTIPLE)
+  if len(_field(config, "eval_original_size")):
+    _size(config, "eval_original_size")
   min_scale, max_scale = _field(config, "min_scale"), _field(config, "max_scale")
   if not 0 < min_scale <= max_scale:
     raise ValueError(

@@ -14,6 +14,7 @@ CATEGORY_TABLES = {
   "coco_panoptic": ("mpformer_jax.data.coco_categories", "PANOPTIC_CATEGORIES"),
   "coco_instance": ("mpformer_jax.data.coco_categories", "INSTANCE_CATEGORIES"),
   "ade20k_semantic": ("mpformer_jax.data.ade20k_categories", "CATEGORIES"),
+  "ade20k_panoptic": ("mpformer_jax.data.ade20k_categories", "CATEGORIES"),
   "cityscapes": ("mpformer_jax.data.cityscapes_categories", "CATEGORIES"),
 }
 

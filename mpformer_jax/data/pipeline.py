@@ -28,7 +28,11 @@ import numpy as np
 from absl import logging
 
 from mpformer_jax.data import panoptic_png, transforms
-from mpformer_jax.data.config import default_dataset_config, validate_dataset_config
+from mpformer_jax.data.config import (
+  default_dataset_config,
+  eval_original_canvas,
+  validate_dataset_config,
+)
 from mpformer_jax.data.metadata import DatasetMetadata, dataset_metadata
 from mpformer_jax.data.sources import open_source
 from mpformer_jax.data.targets import panoptic_to_targets, segments_as_arrays
@@ -285,6 +289,7 @@ class _EvalExample:
   def __init__(self, source, config, meta: DatasetMetadata):
     self._source = source
     self._eval_size = tuple(config.eval_size)
+    self._original_canvas = eval_original_canvas(config)
     self._short_side, self._max_size = int(config.eval_short_side), int(config.eval_max_size)
     self._split = config.eval_split
     self._task, self._max_gt = config.task, int(config.max_gt)
@@ -296,13 +301,17 @@ class _EvalExample:
     if key < 0:
       return self._padding()
     element = self._source[key]
+    original_ids = panoptic_png.rgb_to_id(element["panoptic"])
+    name = self._name(key, element)
+    canvas = self._original_canvas
+    if original_ids.shape[0] > canvas[0] or original_ids.shape[1] > canvas[1]:
+      raise ValueError(
+        f"{name}: its original size {original_ids.shape} does not fit "
+        f"dataset.eval_original_size {canvas} (predictions are scored at the original size); "
+        "enlarge dataset.eval_original_size"
+      )
     image, pan_ids, size = transforms.eval_transform(
-      element["image"],
-      panoptic_png.rgb_to_id(element["panoptic"]),
-      self._eval_size,
-      self._short_side,
-      self._max_size,
-      name=self._name(key, element),
+      element["image"], original_ids, self._eval_size, self._short_side, self._max_size, name=name
     )
     targets = panoptic_to_targets(
       pan_ids,
@@ -327,7 +336,7 @@ class _EvalExample:
       "image_id": np.int32(element["image_id"]),
       "image_size": np.array(element["image"].shape[:2], np.int32),
       "resized_size": np.array(size, np.int32),
-      "panoptic": pan_ids,
+      "panoptic": transforms.pad_to(original_ids.astype(np.int32), canvas),
       "gt_ids": _pad(seg["id"].astype(np.int32), s, 0),
       "gt_labels": _pad(np.array(labels, np.int32), s, -1),
       "gt_isthing": _pad(np.isin(seg["category_id"], self._things), s, False),
@@ -348,6 +357,7 @@ class _EvalExample:
   def _padding(self) -> dict[str, np.ndarray]:
     h, w = self._eval_size
     s, m = self._max_segments, self._max_gt
+    oh, ow = self._original_canvas
     return {
       "image": np.zeros((h, w, 3), np.float32),
       "is_real": np.bool_(False),
@@ -355,7 +365,7 @@ class _EvalExample:
       "image_id": np.int32(-1),
       "image_size": np.zeros(2, np.int32),
       "resized_size": np.zeros(2, np.int32),
-      "panoptic": np.zeros((h, w), np.int32),
+      "panoptic": np.zeros((oh, ow), np.int32),
       "gt_ids": np.zeros(s, np.int32),
       "gt_labels": np.full(s, -1, np.int32),
       "gt_isthing": np.zeros(s, bool),
@@ -419,12 +429,14 @@ def create_eval_loader(
   - `image_size` int32 `[b, 2]`: the original `(h, w)`; `resized_size` int32 `[b, 2]`: the size
     of the image inside the padded canvas (after the test resize `dataset.eval_short_side`, or
     without one equal unless the image was larger than `eval_size`): crop predictions to it,
-    then resize to `image_size`;
-  - raw ground truth at the eval resolution: `panoptic` int32 `[b, H, W]` segment ids (0 = void
-    and padding), and per segment `gt_ids` int32 `[b, S]`, `gt_labels` int32 `[b, S]` (training
-    label, -1 for categories outside the task's label space), `gt_isthing`, `gt_iscrowd`,
-    `gt_valid` bool `[b, S]`;
-  - the training targets of the task, as in training batches (for an evaluation loss).
+    then resize to `image_size` (the evaluator does both on device);
+  - raw ground truth at the original size, top-left in the `dataset.eval_original_size` canvas
+    `[Ho, Wo]` (`eval_original_canvas`; the reference scores there): `panoptic` int32
+    `[b, Ho, Wo]` segment ids (0 = void and padding), and per segment `gt_ids` int32
+    `[b, S]`, `gt_labels` int32 `[b, S]` (training label, -1 for categories outside the task's
+    label space), `gt_isthing`, `gt_iscrowd`, `gt_valid` bool `[b, S]`;
+  - the training targets of the task at the eval resolution `[H, W]`, as in training batches
+    (for an evaluation loss).
 
   Args:
     config: dataset config (`default_dataset_config()` fields).

@@ -10,9 +10,9 @@ with a one-line error naming the file (exit code 1): use `--skip_bad` to leave s
 (they are listed in the report). Data already prepared in `data_dir` is reused, and the report is
 the one stored by the build that made it.
 
-Datasets (`BUILDERS`): coco_panoptic, coco_instance, ade20k_semantic, cityscapes; the expected raw
-layout of each is its builder's `MANUAL_DOWNLOAD_INSTRUCTIONS`. Importing this module registers
-them all with TFDS.
+Datasets (`BUILDERS`): coco_panoptic, coco_instance, ade20k_semantic, ade20k_panoptic,
+cityscapes; the expected raw layout of each is its builder's `MANUAL_DOWNLOAD_INSTRUCTIONS`.
+Importing this module registers them all with TFDS.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from mpformer_jax.data import ade20k_builder, cityscapes_builder, coco_builder, 
 BUILDERS: dict[str, type[raw_io.RawBuilder]] = {
   **coco_builder.BUILDERS,
   ade20k_builder.NAME: ade20k_builder.Ade20kSemantic,
+  ade20k_builder.PANOPTIC_NAME: ade20k_builder.Ade20kPanoptic,
   cityscapes_builder.NAME: cityscapes_builder.Cityscapes,
 }
 

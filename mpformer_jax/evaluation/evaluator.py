@@ -9,9 +9,9 @@ percent.
 The semantic confusion matrix is a CLU metric (`evaluation.semantic.ConfusionMatrix`) computed
 inside the jitted step over the global batch and merged on device, so it needs no gathering.
 
-Resolution: predictions are compared with the ground truth the eval loader provides, i.e. at the
-size of the image inside the padded `dataset.eval_size` canvas (`resized_size`). That is the
-original size unless an image is larger than the canvas (never for `synthetic_shapes`).
+Resolution: as in the reference, predictions are resized back to each image's original size
+(after the test resize and padding of `dataset.eval_size`) and scored against the original
+ground truth, which the eval loader provides in the `dataset.eval_original_size` canvas.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from mpformer_jax.evaluation.panoptic import PanopticQuality
 from mpformer_jax.evaluation.semantic import semantic_metrics
 
 IGNORE_LABEL = 255
-INPUT_KEYS = ("image", "resized_size", "semantic_gt")
+INPUT_KEYS = ("image", "resized_size", "image_size", "semantic_gt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,40 +69,62 @@ def metrics_for_task(task: str) -> tuple[str, ...]:
 
 
 def make_predict_fn(
-  model, meta: DatasetMetadata, settings: EvalSettings, with_confusion: bool = True
-) -> Callable[[Any, jax.Array, jax.Array], dict[str, Any]]:
-  """`predict(variables, images, resized_size, semantic_gt) -> outputs` (jit-able).
+  model,
+  meta: DatasetMetadata,
+  settings: EvalSettings,
+  output_size: tuple[int, int],
+  with_confusion: bool = True,
+) -> Callable[..., dict[str, Any]]:
+  """`predict(variables, images, resized_size, image_size, semantic_gt) -> outputs` (jit-able).
+
+  The reference's inference (spec section 5): mask logits upsampled to the padded input, then
+  cropped to the image and resized to its original size (`postprocess.resize_to_original`)
+  before the panoptic, instance and semantic inference. Semantic-only runs resize the per-class
+  scores instead, as the reference post-processes them after `semantic_inference`.
 
   With `with_confusion=False` (predictions without ground truth) `semantic_gt` is ignored and
   no `confusion` is returned.
 
   Args of `predict`: `images` float32 `[B, H, W, 3]`; `resized_size` int32 `[B, 2]` (the image
-  inside the padded canvas); `semantic_gt` int32 `[B, H, W]` training labels, `IGNORE_LABEL`
-  where unlabeled (padding included).
+  inside the padded canvas); `image_size` int32 `[B, 2]` (the size to resize predictions to,
+  the original size; each within `output_size`); `semantic_gt` int32 `[B, Ho, Wo]` training
+  labels at `image_size`, top-left in the `output_size` canvas, `IGNORE_LABEL` where unlabeled
+  (padding included).
 
-  Outputs (at the padded input size `H, W`; pixels outside `resized_size` are void / 0):
-  `semantic` int32 `[B, H, W]`; for the semantic metrics `confusion`, the batch's
-  `ConfusionMatrix` CLU metric; for panoptic `panoptic` (`PanopticOutput` fields); for
+  Outputs (in the `output_size` canvas `[Ho, Wo]`; pixels outside `image_size` are void / 0,
+  semantic -1): `semantic` int32 `[B, Ho, Wo]`; for the semantic metrics `confusion`, the
+  batch's `ConfusionMatrix` CLU metric; for panoptic `panoptic` (`PanopticOutput` fields); for
   panoptic and instance `instance` (`InstanceOutput` fields, `top_k` results).
+
+  Args:
+    model: the network.
+    meta: the dataset's metadata (task, classes).
+    settings: post-processing thresholds.
+    output_size: static `(Ho, Wo)` canvas of the outputs (`data.config.eval_original_canvas`).
+    with_confusion: whether to compute the semantic confusion matrix.
   """
   kinds = metrics_for_task(meta.task)
   isthing = np.asarray(meta.label_isthing, bool)
   num_classes = meta.num_classes
+  output_size = (int(output_size[0]), int(output_size[1]))
   confusion_metric = None
   if "semantic" in kinds and with_confusion:
     from mpformer_jax.evaluation.semantic import ConfusionMatrix
 
     confusion_metric = ConfusionMatrix.configure(num_classes, IGNORE_LABEL, meta.label_names)
 
-  def predict(variables, images, resized_size, semantic_gt):
+  def predict(variables, images, resized_size, image_size, semantic_gt):
     out = model.apply(variables, images, train=False)
-    h, w = images.shape[1:3]
     logits = out["pred_logits"]
-    masks = postprocess.upsample_masks(out["pred_masks"], (h, w))
-    valid = (jnp.arange(h)[None, :, None] < resized_size[:, 0, None, None]) & (
-      jnp.arange(w)[None, None, :] < resized_size[:, 1, None, None]
-    )
-    result = {"semantic": postprocess.semantic_segmentation(logits, masks)}
+    masks = postprocess.upsample_masks(out["pred_masks"], images.shape[1:3])
+    if meta.task == "semantic":
+      scores = postprocess.semantic_inference(logits, masks)
+      scores, valid = postprocess.resize_to_original(scores, resized_size, image_size, output_size)
+      semantic = jnp.argmax(scores, axis=1).astype(jnp.int32)
+      result = {"semantic": jnp.where(valid, semantic, -1)}
+    else:
+      masks, valid = postprocess.resize_to_original(masks, resized_size, image_size, output_size)
+      result = {"semantic": postprocess.semantic_segmentation(logits, masks, valid)}
     if confusion_metric is not None:
       result["confusion"] = confusion_metric.from_model_output(
         sem_seg_pred=result["semantic"], sem_seg_gt=semantic_gt, mask=valid
@@ -224,7 +246,7 @@ class MetricsAccumulator:
     """Adds the real examples of one local batch (`outputs`: host arrays of `predict`)."""
     meta = self.meta
     for i in np.flatnonzero(batch["is_real"]):
-      h, w = (int(v) for v in batch["resized_size"][i])
+      h, w = (int(v) for v in batch["image_size"][i])
       gt_map = batch["panoptic"][i, :h, :w]
       segments = gt_segments(batch, i, meta)
       if self.pq is not None:
@@ -304,7 +326,7 @@ def evaluate(
     variables: model variables (`{"params", "batch_stats"?}`), placed for `predict_fn`.
     batches: this process's eval batches (`create_eval_loader`).
     meta: the dataset's metadata.
-    to_device: this process's `{"image", "resized_size"}` -> global sharded arrays.
+    to_device: this process's `INPUT_KEYS` arrays -> global sharded arrays.
     on_batch: optional callback with each local batch and its host outputs (overlays, export).
 
   Returns:
@@ -316,7 +338,7 @@ def evaluate(
   for batch in batches:
     batch = {**batch, "semantic_gt": batch_semantic_ground_truth(batch, meta)}
     inputs = to_device({k: batch[k] for k in INPUT_KEYS})
-    outputs = predict_fn(variables, inputs["image"], inputs["resized_size"], inputs["semantic_gt"])
+    outputs = predict_fn(variables, *(inputs[k] for k in INPUT_KEYS))
     if "confusion" in outputs:
       accumulator.add_confusion(outputs.pop("confusion"))
     # Host work on batch n overlaps the device's work on batch n + 1.

@@ -98,7 +98,7 @@ class PredictionWriter:
     file_name: str,
     image: np.ndarray,
     outputs: Mapping[str, Any],
-    resized_size: tuple[int, int],
+    predicted_size: tuple[int, int],
   ) -> None:
     """Writes the files of one image.
 
@@ -108,11 +108,13 @@ class PredictionWriter:
       image: uint8 `[H, W, 3]`, the original image.
       outputs: this image's rows of `make_predict_fn`'s outputs (host arrays at the canvas
         size: `semantic` `[h', w']`, `panoptic` / `instance` dicts).
-      resized_size: `(h, w)` of the image inside the canvas.
+      predicted_size: `(h, w)` of the image inside the outputs' canvas: its original size, or
+        a smaller one when the original does not fit the canvas (then the maps are enlarged
+        to the original size by nearest neighbour).
     """
     meta = self.meta
     size = image.shape[:2]
-    h, w = resized_size
+    h, w = predicted_size
     image_id = len(self.images)
     self.images.append(
       {"id": image_id, "file_name": file_name, "height": size[0], "width": size[1]}

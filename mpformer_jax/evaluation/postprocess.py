@@ -124,8 +124,34 @@ def upsample_masks(mask_logits: jax.Array, size: tuple[int, int]) -> jax.Array:
   return jnp.einsum("ih,bqhj->bqij", rows, x, precision=_HIGHEST)
 
 
+def _interp_taps(in_size: jax.Array, out_size: jax.Array, out_dim: int):
+  """One axis of torch's bilinear `align_corners=False` resize as two taps per output row.
+
+  The same float32 arithmetic as `_interp_matrix`, kept as indices and weights so that a resize
+  costs O(output) instead of a dense `[out, in]` product.
+
+  Args:
+    in_size: `[B]` int, the used input length (the crop).
+    out_size: `[B]` int, the output length (<= `out_dim`; later rows get zero weights).
+    out_dim: static output axis length.
+
+  Returns:
+    `(i0, i1, w0, w1)`, each `[B, out_dim]` (int32 indices, float32 weights).
+  """
+  in_size = jnp.maximum(jnp.asarray(in_size, jnp.int32), 1)[:, None]
+  out_size = jnp.asarray(out_size, jnp.int32)[:, None]
+  scale = in_size.astype(jnp.float32) / jnp.maximum(out_size, 1).astype(jnp.float32)
+  dst = jnp.arange(out_dim, dtype=jnp.float32)
+  src = jnp.maximum(scale * (dst + 0.5) - 0.5, 0.0)
+  i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), in_size - 1)
+  i1 = i0 + (i0 < in_size - 1).astype(jnp.int32)
+  w1 = jnp.clip(src - i0.astype(jnp.float32), 0.0, 1.0)
+  rows = jnp.arange(out_dim) < out_size
+  return i0, i1, jnp.where(rows, 1.0 - w1, 0.0), jnp.where(rows, w1, 0.0)
+
+
 def resize_to_original(
-  mask_logits: jax.Array,
+  x: jax.Array,
   resized_size: jax.Array,
   image_size: jax.Array,
   out_size: tuple[int, int],
@@ -133,28 +159,37 @@ def resize_to_original(
   """detectron2's `sem_seg_postprocess` per example, into a fixed canvas.
 
   Example `b` equals `F.interpolate(x[b:b+1, :, :rh, :rw], size=(oh, ow), mode="bilinear",
-  align_corners=False)` written at the top-left of a zero `[Q, Ho, Wo]` canvas, with
-  `(rh, rw) = resized_size[b]` and `(oh, ow) = image_size[b]`. The crop and the resize are one
-  per-example separable matrix pair built on device from the traced sizes.
+  align_corners=False)` written at the top-left of a zero `[C, Ho, Wo]` canvas, with
+  `(rh, rw) = resized_size[b]` and `(oh, ow) = image_size[b]`. Each output pixel mixes two
+  gathered rows and two gathered columns (width first, as ATen's kernel), with indices and
+  weights computed on device from the traced sizes: the cost is that of the output.
 
   Args:
-    mask_logits: `[B, Q, H, W]` at the padded input size.
+    x: `[B, C, H, W]` at the padded input size: mask logits (panoptic and instance runs) or
+      per-class scores (semantic runs, as the reference post-processes those).
     resized_size: `int[B, 2]` (height, width) the image occupies in the padded input.
     image_size: `int[B, 2]` original (height, width); each must fit in `out_size`.
     out_size: static canvas `(Ho, Wo)`.
 
   Returns:
-    `(masks [B, Q, Ho, Wo] float32, valid [B, Ho, Wo] bool)`; `masks` is 0 outside `valid`.
+    `(x [B, C, Ho, Wo] float32, valid [B, Ho, Wo] bool)`; `x` is 0 outside `valid`.
   """
-  h, w = mask_logits.shape[-2:]
   out_h, out_w = out_size
   resized_size = jnp.asarray(resized_size, jnp.int32)
   image_size = jnp.asarray(image_size, jnp.int32)
-  rows = _interp_matrix(resized_size[:, 0], image_size[:, 0], h, out_h)  # [B, Ho, H]
-  cols = _interp_matrix(resized_size[:, 1], image_size[:, 1], w, out_w)  # [B, Wo, W]
-  x = mask_logits.astype(jnp.float32)
-  x = jnp.einsum("bqhw,bjw->bqhj", x, cols, precision=_HIGHEST)
-  x = jnp.einsum("bih,bqhj->bqij", rows, x, precision=_HIGHEST)
+  x = x.astype(jnp.float32)
+  c0, c1, v0, v1 = _interp_taps(resized_size[:, 1], image_size[:, 1], out_w)  # [B, Wo]
+
+  def columns(index):
+    return jnp.take_along_axis(x, index[:, None, None, :], axis=3)
+
+  x = v0[:, None, None, :] * columns(c0) + v1[:, None, None, :] * columns(c1)  # [B, C, H, Wo]
+  r0, r1, u0, u1 = _interp_taps(resized_size[:, 0], image_size[:, 0], out_h)  # [B, Ho]
+
+  def rows(index):
+    return jnp.take_along_axis(x, index[:, None, :, None], axis=2)
+
+  x = u0[:, None, :, None] * rows(r0) + u1[:, None, :, None] * rows(r1)  # [B, C, Ho, Wo]
   valid = (jnp.arange(out_h)[None, :, None] < image_size[:, 0, None, None]) & (
     jnp.arange(out_w)[None, None, :] < image_size[:, 1, None, None]
   )

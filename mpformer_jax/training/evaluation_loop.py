@@ -13,22 +13,35 @@ import jax
 import numpy as np
 
 from mpformer_jax.data import pipeline
+from mpformer_jax.data.config import eval_original_canvas
 from mpformer_jax.data.metadata import dataset_metadata
 from mpformer_jax.training import sharding
 
 _PREDICT_CACHE: dict[Any, Any] = {}
 
 
-def jit_predict(model, meta, evaluation_config, mesh, variables_shardings, with_confusion=True):
+def jit_predict(
+  model,
+  meta,
+  evaluation_config,
+  output_size,
+  mesh,
+  variables_shardings,
+  with_confusion=True,
+):
   """The jitted `evaluator.make_predict_fn` step, inputs sharded over the batch of `mesh`."""
   from mpformer_jax.evaluation import evaluator
 
   predict = evaluator.make_predict_fn(
-    model, meta, evaluator.EvalSettings.from_config(evaluation_config), with_confusion
+    model,
+    meta,
+    evaluator.EvalSettings.from_config(evaluation_config),
+    output_size,
+    with_confusion,
   )
   batch = sharding.batch_sharding(mesh)
   # Outputs keep the batch sharding XLA propagates; the confusion matrix is a global sum.
-  return jax.jit(predict, in_shardings=(variables_shardings, batch, batch, batch))
+  return jax.jit(predict, in_shardings=(variables_shardings, batch, batch, batch, batch))
 
 
 class Evaluation:
@@ -57,7 +70,12 @@ class Evaluation:
     key += (tuple(d.id for d in mesh.devices.flat),)
     if key not in _PREDICT_CACHE:
       _PREDICT_CACHE[key] = jit_predict(
-        model, self.meta, config.evaluation, mesh, variables_shardings
+        model,
+        self.meta,
+        config.evaluation,
+        eval_original_canvas(config.dataset),
+        mesh,
+        variables_shardings,
       )
     self._predict = _PREDICT_CACHE[key]
 
@@ -94,14 +112,18 @@ class _OverlayCollector:
     self.images: list[tuple[int, np.ndarray]] = []
 
   def __call__(self, batch, outputs) -> None:
+    from mpformer_jax.data import transforms
     from mpformer_jax.evaluation import evaluator, overlays, postprocess
 
     k = self.meta.num_classes
     for i in np.flatnonzero(batch["is_real"]):
       if len(self.images) >= self.limit or jax.process_index() != 0:
         return
-      h, w = (int(v) for v in batch["resized_size"][i])
-      image = overlays.denormalize(batch["image"][i, :h, :w])
+      rh, rw = (int(v) for v in batch["resized_size"][i])
+      h, w = (int(v) for v in batch["image_size"][i])  # ground truth and predictions
+      image = overlays.denormalize(batch["image"][i, :rh, :rw])
+      if (rh, rw) != (h, w):
+        image = transforms.resize_image(image, (h, w))
       gt_map = batch["panoptic"][i, :h, :w]
       segments = evaluator.gt_segments(batch, i, self.meta)
       gt = overlays.overlay(image, gt_map, {s["id"]: s["label"] for s in segments}, k)
