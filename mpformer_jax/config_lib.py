@@ -90,6 +90,8 @@ def model_config(num_classes: int = 133, backbone: str = "resnet50") -> ml_colle
         "common_stride": 4,
         # MSDA op: None (best available), "xla", "pallas_gpu" or "pallas_tpu".
         "msda_implementation": ml_collections.FieldReference(None, field_type=str),
+        # Run a Pallas kernel in interpret mode (slow; for checking a kernel on a CPU).
+        "msda_interpret": False,
       },
       "decoder": {
         "hidden_dim": 256,

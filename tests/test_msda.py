@@ -1,5 +1,7 @@
 """Multi-scale deformable attention and bilinear sampling vs their PyTorch references."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -222,7 +224,7 @@ def test_batch_sharding_needs_no_communication():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
-def test_dispatch():
+def test_dispatch(monkeypatch):
   spatial_shapes = ((4, 5), (2, 3))
   value, loc, attn = _inputs(spatial_shapes, 1, 3, 2, 3, 2, seed=6)
   default = multi_scale_deformable_attention(value, spatial_shapes, loc, attn)
@@ -233,12 +235,26 @@ def test_dispatch():
   np.testing.assert_array_equal(np.asarray(default), np.asarray(xla))
   np.testing.assert_array_equal(np.asarray(interp), np.asarray(xla))
   assert msda_lib.default_implementation() == "xla"
-  assert msda_lib.default_implementation("gpu") == "xla"  # until a Pallas kernel is registered
+  # The kernels are opt-in until they have run on their hardware.
+  assert msda_lib.default_implementation("gpu") == "xla"
   assert msda_lib.default_implementation("tpu") == "xla"
-  assert msda_lib.available_implementations() == ("xla",)
-  for name in ("pallas_gpu", "pallas_tpu"):
-    with pytest.raises(NotImplementedError, match=name):
-      multi_scale_deformable_attention(value, spatial_shapes, loc, attn, name, interpret=True)
+  assert msda_lib.available_implementations() == ("xla", "pallas_gpu", "pallas_tpu")
+  for name in ("pallas_gpu", "pallas_tpu"):  # each dispatches to its own kernel
+    module = importlib.import_module(f"mpformer_jax.ops.msda_{name}")
+    function = f"multi_scale_deformable_attention_{name}"
+    kernel, calls = getattr(module, function), []
+
+    def spy(*args, kernel=kernel, calls=calls, **kwargs):
+      calls.append(kwargs)
+      return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(module, function, spy)
+    out = multi_scale_deformable_attention(value, spatial_shapes, loc, attn, name, interpret=True)
+    assert calls == [{"interpret": True}]
+    np.testing.assert_allclose(np.asarray(out), np.asarray(xla), rtol=1e-5, atol=1e-6)
+  with pytest.raises(NotImplementedError, match="not available yet"):
+    monkeypatch.setitem(msda_lib.IMPLEMENTATIONS, "pallas_tpu", msda_lib.Implementation(None))
+    multi_scale_deformable_attention(value, spatial_shapes, loc, attn, "pallas_tpu")
   with pytest.raises(ValueError, match="cuda_kernel"):
     multi_scale_deformable_attention(value, spatial_shapes, loc, attn, "cuda_kernel")
   with pytest.raises(ValueError, match="spatial_shapes"):

@@ -139,6 +139,7 @@ def build_model(config: Any) -> Mask2Former:
       common_stride=pd.common_stride,
       msda_implementation=pd.msda_implementation,
       dtype=_dtype(m.pixel_decoder_dtype),
+      msda_interpret=pd.get("msda_interpret", False),
     ),
     transformer_decoder=TransformerDecoder(
       num_classes=m.num_classes,

@@ -52,6 +52,7 @@ class MSDeformAttn(nn.Module):
     num_points: sampling points per head and level.
     implementation: MSDA op implementation (see `mpformer_jax.ops.msda`).
     dtype: compute dtype.
+    interpret: run a Pallas MSDA kernel in interpret mode (tests on CPU).
   """
 
   num_heads: int = 8
@@ -59,6 +60,7 @@ class MSDeformAttn(nn.Module):
   num_points: int = 4
   implementation: str | None = None
   dtype: Dtype = jnp.float32
+  interpret: bool = False
 
   @nn.compact
   def __call__(
@@ -117,6 +119,7 @@ class MSDeformAttn(nn.Module):
       locations,
       weights.astype(value.dtype),
       implementation=self.implementation,
+      interpret=self.interpret,
     )
     return nn.Dense(
       d,
@@ -136,6 +139,7 @@ class EncoderLayer(nn.Module):
   num_points: int = 4
   implementation: str | None = None
   dtype: Dtype = jnp.float32
+  interpret: bool = False
 
   @nn.compact
   def __call__(self, x, pos, reference_points, spatial_shapes):
@@ -146,6 +150,7 @@ class EncoderLayer(nn.Module):
       self.num_points,
       self.implementation,
       self.dtype,
+      self.interpret,
       name="self_attn",
     )(x + pos, reference_points, x, spatial_shapes)
     x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm1")(x + attn)
@@ -210,6 +215,7 @@ class PixelDecoder(nn.Module):
       are added FPN style.
     msda_implementation: MSDA op implementation.
     dtype: compute dtype (the reference runs this module in float32).
+    msda_interpret: run a Pallas MSDA kernel in interpret mode (tests on CPU).
   """
 
   conv_dim: int = 256
@@ -222,6 +228,7 @@ class PixelDecoder(nn.Module):
   common_stride: int = 4
   msda_implementation: str | None = None
   dtype: Dtype = jnp.float32
+  msda_interpret: bool = False
 
   @nn.compact
   def __call__(self, features: Mapping[str, jax.Array]) -> tuple[jax.Array, list[jax.Array]]:
@@ -269,6 +276,7 @@ class PixelDecoder(nn.Module):
         self.num_points,
         self.msda_implementation,
         self.dtype,
+        self.msda_interpret,
         name=f"encoder_layer_{i}",
       )(src, pos_embed, reference_points, tuple(shapes))
 

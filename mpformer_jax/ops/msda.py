@@ -6,10 +6,13 @@ exactly those of Deformable-DETR's `ms_deform_attn_core_pytorch`: each sample is
 `grid_sample(value_level, 2 * loc - 1, mode="bilinear", padding_mode="zeros",
 align_corners=False)`.
 
-Implementations are chosen through a small registry, `IMPLEMENTATIONS`: today only the pure-XLA
-one exists ("xla": fast on CPU, and the TPU/GPU fallback). "pallas_gpu" and "pallas_tpu" are
-reserved names; a kernel becomes available (and the default on its platform) by filling in
-its registry entry. The dispatcher validates shapes for every implementation.
+Implementations are chosen through a small registry, `IMPLEMENTATIONS`: "xla" (pure XLA: fast
+on CPU, and the fallback everywhere), "pallas_gpu" (Pallas Triton kernels,
+`msda_pallas_gpu.py`) and "pallas_tpu" (Pallas Mosaic kernels, `msda_pallas_tpu.py`). Both
+kernels equal "xla" in interpret mode on CPU and lower for their hardware, but have not run on
+it yet, so `implementation=None` still picks "xla" everywhere: a kernel becomes the default on
+its platform by setting `default=True` in its entry, once measured there
+(`experiments/bench_msda.py`). The dispatcher validates shapes for every implementation.
 
 How the XLA implementation stays fast (measured on CPU, see experiments/bench_msda_cpu.py):
 
@@ -369,18 +372,39 @@ class Implementation:
     fn: the implementation, or None for a reserved name that is not implemented yet.
     platforms: JAX platforms (`jax.default_backend()` values) it runs on; None for any. Used
       only to pick the default; an explicitly requested implementation is always attempted.
+    default: whether `implementation=None` may pick it on its platforms (False for a kernel
+      not yet run and timed on its hardware).
   """
 
   fn: MsdaFn | None
   platforms: tuple[str, ...] | None = None
+  default: bool = True
 
 
-# Adding a kernel is one entry: put its function in place of `None`. It receives validated
-# inputs and `spatial_shapes` as a tuple of python-int pairs, and must return value's dtype.
+def _pallas_gpu(value, spatial_shapes, sampling_locations, attention_weights, *, interpret):
+  # Imported on first use: the kernels' modules import this one (shape checks, taps).
+  from mpformer_jax.ops.msda_pallas_gpu import multi_scale_deformable_attention_pallas_gpu
+
+  return multi_scale_deformable_attention_pallas_gpu(
+    value, spatial_shapes, sampling_locations, attention_weights, interpret=interpret
+  )
+
+
+def _pallas_tpu(value, spatial_shapes, sampling_locations, attention_weights, *, interpret):
+  from mpformer_jax.ops.msda_pallas_tpu import multi_scale_deformable_attention_pallas_tpu
+
+  return multi_scale_deformable_attention_pallas_tpu(
+    value, spatial_shapes, sampling_locations, attention_weights, interpret=interpret
+  )
+
+
+# Adding a kernel is one entry. Its function receives validated inputs and `spatial_shapes` as
+# a tuple of python-int pairs, and must return value's dtype. The Triton kernel targets NVIDIA
+# GPUs only (ROCm's Pallas lowering is untested), hence "cuda" and not "gpu"/"rocm".
 IMPLEMENTATIONS: dict[str, Implementation] = {
   "xla": Implementation(multi_scale_deformable_attention_xla),
-  "pallas_gpu": Implementation(None, platforms=("gpu", "cuda", "rocm")),
-  "pallas_tpu": Implementation(None, platforms=("tpu",)),
+  "pallas_gpu": Implementation(_pallas_gpu, platforms=("gpu", "cuda"), default=False),
+  "pallas_tpu": Implementation(_pallas_tpu, platforms=("tpu",), default=False),
 }
 
 # Order in which `implementation=None` tries the available implementations.
@@ -397,7 +421,8 @@ def default_implementation(platform: str | None = None) -> str:
   platform = jax.default_backend() if platform is None else platform
   for name in _PREFERENCE:
     impl = IMPLEMENTATIONS[name]
-    if impl.fn is not None and (impl.platforms is None or platform in impl.platforms):
+    runs_here = impl.platforms is None or platform in impl.platforms
+    if impl.fn is not None and impl.default and runs_here:
       return name
   raise RuntimeError(f"no MSDA implementation runs on platform {platform!r}")
 
