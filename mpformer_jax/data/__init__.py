@@ -1,7 +1,8 @@
 """Input data: synthetic and real panoptic datasets, targets, augmentation and grain pipelines.
 
-Modules (import the ones you need; only `pipeline`, `sources`, `prepare`, `raw_io` and the
-`*_builder` modules pull in TFDS/grain, and nothing outside this package imports it):
+Modules (import the ones you need; only `pipeline`, `sources`, `tfds_sources`, `prepare`,
+`raw_io` and the `*_builder` modules pull in TFDS/grain, and nothing outside this package
+imports it):
 
 - `config`: `default_dataset_config()` and its validation;
 - `metadata`: categories and the contiguous label space of each task (`*_categories` hold the
@@ -18,6 +19,8 @@ Modules (import the ones you need; only `pipeline`, `sources`, `prepare`, `raw_i
 - `targets`: panoptic annotations -> fixed-shape training targets;
 - `transforms`: augmentation and normalisation;
 - `sources`: TFDS data sources of the configured dataset;
+- `tfds_sources`: adapters that read TFDS' own prepared `coco/2017_panoptic` and
+  `scene_parse150` in our layout;
 - `pipeline`: `create_train_loader`, `create_eval_loader`, `global_batch`.
 """
 

@@ -11,7 +11,7 @@ import types
 
 import ml_collections
 
-from mpformer_jax.data.metadata import dataset_metadata
+from mpformer_jax.data.metadata import check_task, dataset_metadata
 from mpformer_jax.data.targets import TASKS
 
 SIZE_MULTIPLE = 32  # the network's coarsest stride: image sizes must divide by it
@@ -29,7 +29,9 @@ def default_dataset_config() -> ml_collections.ConfigDict:
       are prepared from their raw files with `python -m mpformer_jax.data.prepare --dataset
       NAME --manual_dir RAW --data_dir DATA_DIR`. Any other name must be prepared in `data_dir`
       with the same features (image, panoptic, image_id, segments) and have category metadata
-      in `mpformer_jax.data.metadata`.
+      in `mpformer_jax.data.metadata`. TFDS' own "coco/2017_panoptic" and "scene_parse150"
+      (instance task only), prepared with TFDS in ArrayRecord, are read as they are
+      (`mpformer_jax.data.tfds_sources`).
     data_dir: TFDS data directory (`~` is expanded); default `$TFDS_DATA_DIR` or
       `~/tensorflow_datasets`.
     task: "panoptic", "instance" or "semantic" (see `mpformer_jax.data.targets`).
@@ -172,6 +174,7 @@ def validate_dataset_config(config) -> None:
       raise ValueError(f"dataset.{name}: expected a non-empty string, got {value!r}")
   if _field(config, "task") not in TASKS:
     raise ValueError(f"dataset.task: expected one of {TASKS}, got {config.task!r}")
+  check_task(config.name, config.task)
   if _field(config, "num_classes") is not None:
     _positive_int(config, "num_classes")
   _size(config, "crop_size", SIZE_MULTIPLE)

@@ -16,7 +16,33 @@ CATEGORY_TABLES = {
   "ade20k_semantic": ("mpformer_jax.data.ade20k_categories", "CATEGORIES"),
   "ade20k_panoptic": ("mpformer_jax.data.ade20k_categories", "CATEGORIES"),
   "cityscapes": ("mpformer_jax.data.cityscapes_categories", "CATEGORIES"),
+  # TFDS' own datasets, read through `tfds_sources`. scene_parse150 has instance annotations
+  # only, so it serves the instance task, whose labels are the table's 100 things in id order:
+  # label k - 1 is instance class k of its PNGs.
+  "coco/2017_panoptic": ("mpformer_jax.data.coco_categories", "PANOPTIC_CATEGORIES"),
+  "scene_parse150": ("mpformer_jax.data.ade20k_categories", "CATEGORIES"),
 }
+
+# Datasets that serve only some tasks: name -> (tasks, why not the others).
+TASK_LIMITS = {
+  "scene_parse150": (
+    ("instance",),
+    "TFDS' scene_parse150 holds ADE20K's instance annotations only (its `annotation` is the "
+    "annotations_instance PNG: the 100 thing classes, no stuff or semantic labels); for the "
+    "semantic or panoptic task prepare this project's ade20k_semantic or ade20k_panoptic "
+    "(python -m mpformer_jax.data.prepare)",
+  ),
+}
+
+
+def check_task(name: str, task: str) -> None:
+  """Raises a ValueError if dataset `name` cannot serve `task` (`TASK_LIMITS`)."""
+  if name in TASK_LIMITS:
+    tasks, why = TASK_LIMITS[name]
+    if task not in tasks:
+      raise ValueError(
+        f"dataset.task: {name!r} serves only the {' / '.join(tasks)} task, got {task!r}: {why}"
+      )
 
 
 def categories_of(name: str) -> tuple[dict, ...]:
@@ -77,10 +103,11 @@ def dataset_metadata(config) -> DatasetMetadata:
   """The metadata of `config.name` for `config.task`, checked against `config.num_classes`.
 
   Raises:
-    ValueError: for a dataset without category metadata, or a `num_classes` that differs from
-      the dataset's.
+    ValueError: for a dataset without category metadata or that cannot serve the task
+      (`check_task`), or a `num_classes` that differs from the dataset's.
   """
   categories = categories_of(config.name)
+  check_task(config.name, config.task)
   if config.task == "instance":
     label_ids = tuple(c["id"] for c in categories if c["isthing"])
   else:

@@ -10,7 +10,7 @@ import tensorflow_datasets as tfds
 # TensorFlow). This must happen before any `tfds.builder` call: looking up a name TFDS does not
 # know makes it load its own builders, among them a TF-based "cityscapes" that would take the
 # name of ours.
-from mpformer_jax.data import prepare, synthetic_builder
+from mpformer_jax.data import prepare, synthetic_builder, tfds_sources
 
 
 def open_source(config, split_field: str):
@@ -21,11 +21,14 @@ def open_source(config, split_field: str):
     split_field: "train_split" or "eval_split".
 
   Returns:
-    A TFDS random-access source: `len()` and `source[i]` -> dict of decoded numpy features.
+    A random-access source: `len()` and `source[i]` -> dict of decoded numpy features. For
+    TFDS' own datasets (`tfds_sources.ADAPTERS`), an adapter that maps TFDS' elements to the
+    layout of ours.
 
   Raises:
     ValueError: if the split does not exist, or a real dataset is not prepared in
-      `config.data_dir`.
+      `config.data_dir`; for TFDS' own datasets also a task the dataset cannot serve or data
+      stored without random access (`tfds_sources.prepared_builder`).
   """
   data_dir = os.path.expanduser(config.data_dir)
   if config.name == synthetic_builder.NAME:
@@ -42,6 +45,8 @@ def open_source(config, split_field: str):
         f"files with `python -m mpformer_jax.data.prepare --dataset {config.name} "
         f"--manual_dir RAW --data_dir {data_dir}`"
       )
+  elif config.name in tfds_sources.ADAPTERS:
+    builder = tfds_sources.prepared_builder(config.name, data_dir, config.task)
   else:
     builder = tfds.builder(config.name, data_dir=data_dir)
   split = getattr(config, split_field)
@@ -50,4 +55,6 @@ def open_source(config, split_field: str):
       f"dataset.{split_field}: {config.name!r} has no split {split!r}; "
       f"available: {sorted(builder.info.splits)}"
     )
+  if config.name in tfds_sources.ADAPTERS:
+    return tfds_sources.ADAPTERS[config.name](builder, split)
   return builder.as_data_source(split=split)
