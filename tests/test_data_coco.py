@@ -27,6 +27,7 @@ from tests.raw_datasets import (
   H,
   W,
   coco_image,
+  coco_panoptic_scenes,
   poly_mask,
   write_coco_instances,
   write_coco_panoptic,
@@ -218,6 +219,46 @@ def test_orphan_panoptic_annotation_is_reported(tmp_path):
     prepare("coco_panoptic", raw, str(tmp_path / "strict"))
   _, report = prepare("coco_panoptic", raw, str(tmp_path / "lenient"), skip_bad=True)
   assert report.examples["validation"] == 2 and report.skipped[0][0].endswith(BAD_PNG)
+
+
+def test_instance_training_skips_images_without_non_crowd_things(tmp_path):
+  """detectron2's FILTER_EMPTY_ANNOTATIONS for instance datasets, counted, and only there."""
+  scenes = coco_panoptic_scenes()
+  val = scenes["val2017"]
+  a, b, empty = val[0][2], val[1][2], val[2][2]
+  scenes["train2017"] = [
+    (1, 4, b, [(3_000_000, 193, 0), (42, 18, 0)]),  # dog: kept
+    (2, 5, np.full((H, W), 3_000_000), [(3_000_000, 193, 0)]),  # stuff only
+    (3, 6, np.where(a == 7, 0, a), [(0x30201, 187, 0), (70000, 1, 1)]),  # only a crowd
+    (4, 7, empty, []),  # no segment at all
+    (5, 8, a, [(0x30201, 187, 0), (7, 1, 0), (70000, 1, 1)]),  # a person: kept
+  ]
+  raw = str(tmp_path / "raw")
+  write_coco_panoptic(raw, scenes)
+  data_dir = str(tmp_path / "tfds")
+  prepare("coco_panoptic", raw, data_dir)
+  config = default_dataset_config()
+  config.name, config.task, config.num_classes = "coco_panoptic", "instance", 80
+  config.data_dir, config.crop_size, config.max_gt = data_dir, (32, 32), 4
+  meta = dataset_metadata(config)
+  np.testing.assert_array_equal(pipeline.nonempty_instance_records(config, meta), [0, 4])
+
+  def image_ids_seen(config):
+    loader = pipeline.create_train_loader(config, 2, seed=0, process_index=0, process_count=1)
+    batches = [next(loader) for _ in range(5)]  # 10 examples: every record of 2 epochs
+    return loader.num_filtered_empty, batches
+
+  filtered, batches = image_ids_seen(config)
+  assert filtered == 3
+  for batch in batches:  # only images 1 and 5, each with a valid target
+    assert batch["valid"].any(axis=1).all()
+  config.filter_empty = False
+  filtered, batches = image_ids_seen(config)
+  assert filtered == 0
+  assert not all(batch["valid"].any(axis=1).all() for batch in batches)
+  # The panoptic task is never filtered.
+  config.task, config.num_classes, config.filter_empty = "panoptic", 133, True
+  assert image_ids_seen(config)[0] == 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -68,6 +68,11 @@ def default_dataset_config() -> ml_collections.ConfigDict:
         hue, each with probability 0.5; `mpformer_jax.data.color_jitter`).
     flip: random horizontal flips.
     max_gt: target slots per training image; extra segments are dropped and counted.
+    filter_empty: instance task only: train only on images with at least one non-crowd thing
+      segment, as detectron2's `DATALOADER.FILTER_EMPTY_ANNOTATIONS` (on by default) does for
+      the instance datasets of Mask2Former (panoptic and semantic datasets are never filtered).
+      The train loader scans the split's segment lists once and logs how many images it left
+      out (`TrainIterator.num_filtered_empty`).
     eval_size: `(H, W)` canvas of evaluation images, multiples of 32: images are padded to
       it. Without a test resize, larger images shrink to fit; with one, it must hold every
       resized image (an image that does not fit is an error naming it).
@@ -110,6 +115,7 @@ def default_dataset_config() -> ml_collections.ConfigDict:
       },
       "flip": True,
       "max_gt": 16,
+      "filter_empty": True,
       "eval_size": (128, 128),
       "eval_short_side": 0,
       "eval_max_size": 0,
@@ -188,8 +194,9 @@ def validate_dataset_config(config) -> None:
       f"got {min_scale!r}, {max_scale!r}"
     )
   _validate_augmentation(config)
-  if not isinstance(_field(config, "flip"), bool):
-    raise ValueError(f"dataset.flip: expected a bool, got {config.flip!r}")
+  for name in ("flip", "filter_empty"):
+    if not isinstance(_field(config, name), bool):
+      raise ValueError(f"dataset.{name}: expected a bool, got {getattr(config, name)!r}")
   _positive_int(config, "max_gt")
   _positive_int(config, "eval_max_segments")
   _validate_eval_resize(config)

@@ -63,7 +63,8 @@ class GlobalBatchSampler:
   `jax.make_array_from_process_local_data`), and so is every example's augmentation, seeded
   by `(seed, epoch, record key)`.
 
-  Index `i` is the `i`-th example of this process's stream.
+  Index `i` is the `i`-th example of this process's stream. With `records`, the epochs visit
+  only those record keys (permuted the same way, by position in `records`).
   """
 
   def __init__(
@@ -73,8 +74,10 @@ class GlobalBatchSampler:
     process_index: int,
     process_count: int,
     seed: int,
+    records: np.ndarray | None = None,
   ):
-    self._num_records = num_records
+    self._records = None if records is None else np.asarray(records, np.int64)
+    self._num_records = num_records if records is None else len(self._records)
     self._global = global_batch_size
     self._local = global_batch_size // process_count
     self._process = process_index
@@ -103,6 +106,8 @@ class GlobalBatchSampler:
     position = step * self._global + self._process * self._local + row
     epoch, offset = divmod(position, self._num_records)
     record = int(self._order(epoch)[offset])
+    if self._records is not None:
+      record = int(self._records[record])
     rng = transforms.example_rng(self._seed, epoch, record)
     return grain.RecordMetadata(index=index, record_key=record, rng=rng)
 
@@ -188,12 +193,14 @@ class TrainIterator:
     num_dropped_total: segments dropped for lack of `max_gt` slots since this iterator was
       created (not part of the checkpointed state).
     num_examples: examples produced since this iterator was created.
+    num_filtered_empty: training images left out by `dataset.filter_empty`.
   """
 
-  def __init__(self, loader: grain.DataLoader):
+  def __init__(self, loader: grain.DataLoader, num_filtered_empty: int = 0):
     self._iterator = iter(loader)
     self.num_dropped_total = 0
     self.num_examples = 0
+    self.num_filtered_empty = num_filtered_empty
 
   def __iter__(self) -> TrainIterator:
     return self
@@ -267,20 +274,46 @@ def create_train_loader(
   index, count = _processes(process_index, process_count)
   local = _local_batch_size(global_batch_size, count)
   source = open_source(config, "train_split")
-  if len(source) < count:
-    raise ValueError(f"dataset.train_split has {len(source)} examples for {count} processes")
+  records = None
+  if config.task == "instance" and config.filter_empty:
+    records = nonempty_instance_records(config, meta)
+    logging.info(
+      "dataset.filter_empty: %d of %d training images have no non-crowd thing segment and are "
+      "left out (detectron2's FILTER_EMPTY_ANNOTATIONS)",
+      len(source) - len(records),
+      len(source),
+    )
+  num_records = len(source) if records is None else len(records)
+  if num_records < count:
+    raise ValueError(f"dataset.train_split has {num_records} usable examples for {count} processes")
   # The sampler already picks this process's rows of every global batch: the loader itself
   # reads the sampler's whole stream.
   loader = grain.DataLoader(
     data_source=source,
-    sampler=GlobalBatchSampler(len(source), global_batch_size, index, count, seed),
+    sampler=GlobalBatchSampler(len(source), global_batch_size, index, count, seed, records),
     operations=[_TrainExample(config, meta), grain.transforms.Batch(local, drop_remainder=True)],
     worker_count=config.worker_count if worker_count is None else worker_count,
     worker_buffer_size=config.worker_buffer_size,
     shard_options=grain.sharding.NoSharding(),
     read_options=READ_OPTIONS,
   )
-  return TrainIterator(loader)
+  return TrainIterator(loader, len(source) - num_records)
+
+
+def nonempty_instance_records(config, meta: DatasetMetadata) -> np.ndarray:
+  """Record keys of the train split with at least one non-crowd thing segment, increasing.
+
+  detectron2's `filter_images_with_only_crowd_annotations`, which Mask2Former's instance
+  datasets go through (`DATALOADER.FILTER_EMPTY_ANNOTATIONS`). Reads only the segment lists
+  (images and maps stay encoded), once per loader.
+  """
+  source = open_source(config, "train_split", segments_only=True)
+  things = np.asarray(meta.thing_category_ids, np.int64)
+  keep = np.zeros(len(source), bool)
+  for key in range(len(source)):
+    seg = segments_as_arrays(source[key]["segments"])
+    keep[key] = np.any(~seg["iscrowd"] & np.isin(seg["category_id"], things))
+  return np.flatnonzero(keep)
 
 
 class _EvalExample:

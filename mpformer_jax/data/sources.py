@@ -13,12 +13,14 @@ import tensorflow_datasets as tfds
 from mpformer_jax.data import prepare, synthetic_builder, tfds_sources
 
 
-def open_source(config, split_field: str):
+def open_source(config, split_field: str, segments_only: bool = False):
   """The ArrayRecord data source of the split named by `config.<split_field>`.
 
   Args:
     config: the dataset config (`default_dataset_config()` fields).
     split_field: "train_split" or "eval_split".
+    segments_only: skip decoding the images and panoptic maps (they come back as encoded
+      bytes), for scanning the segment lists. TFDS' own datasets decode everything anyway.
 
   Returns:
     A random-access source: `len()` and `source[i]` -> dict of decoded numpy features. For
@@ -57,4 +59,7 @@ def open_source(config, split_field: str):
     )
   if config.name in tfds_sources.ADAPTERS:
     return tfds_sources.ADAPTERS[config.name](builder, split)
+  if segments_only:
+    skip = tfds.decode.SkipDecoding()
+    return builder.as_data_source(split=split, decoders={"image": skip, "panoptic": skip})
   return builder.as_data_source(split=split)

@@ -338,6 +338,7 @@ def train_and_evaluate(config, workdir: str, stop_after: int | None = None) -> d
     "train_step_compiles": compiles.counts["train_step"],
     "train_step_recompiles": recompiles,
     "gt_slot_sizes_met": sorted(sizes_met),
+    "train_images_filtered_empty": data_iter.num_filtered_empty,
     **results,
   }
 
