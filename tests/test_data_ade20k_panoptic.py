@@ -194,6 +194,17 @@ def test_eval_loader_targets(built, task, num_classes):
     np.testing.assert_array_equal(batch["gt_labels"][b, :s], labels)
     np.testing.assert_array_equal(batch["gt_isthing"][b, :s], isthing)
     assert batch["gt_valid"][b].sum() == s and not batch["gt_iscrowd"][b].any()
+    # The semantic metrics score against the SceneParsing annotation itself, which also labels
+    # the thing pixels no instance covers (void in the panoptic map).
+    lut = np.full(256, 255)
+    if task == "panoptic":
+      lut[1:151] = np.arange(150)
+    else:
+      lut[THINGS] = np.arange(100)
+    np.testing.assert_array_equal(batch["semantic_gt"][b, :, :48], lut[label])
+    assert (batch["semantic_gt"][b, :, 48:] == 255).all()
+    uncovered = (pan == 0) & (label > 0)
+    assert uncovered.any() and (batch["semantic_gt"][b][:, :48][uncovered] != 255).any()
 
 
 # ---------------------------------------------------------------------------------------------

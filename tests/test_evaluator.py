@@ -208,3 +208,15 @@ def test_predictions_are_scored_at_the_original_size_like_the_reference(task):
     assert (got == want).mean() > 0.999, (got != want).sum()  # float ties at most
     assert (out["semantic"][b, oh:] == -1).all() and (out["semantic"][b, :, ow:] == -1).all()
   assert int(out["confusion"].confusion().sum()) == 100
+
+
+def test_a_dataset_semantic_annotation_is_scored_instead_of_the_panoptic_map(eval_data):
+  meta, batches = eval_data
+  batch = dict(batches[0])
+  from_panoptic = evaluator.semantic_targets(batch, meta)
+  np.testing.assert_array_equal(from_panoptic, evaluator.batch_semantic_ground_truth(batch, meta))
+  assert (from_panoptic != evaluator.IGNORE_LABEL).any()
+  own = np.full_like(from_panoptic, 3)
+  batch["semantic_gt"] = own
+  assert evaluator.semantic_targets(batch, meta) is own
+  assert pipeline.SEMANTIC_IGNORE == evaluator.IGNORE_LABEL

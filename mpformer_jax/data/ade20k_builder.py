@@ -23,7 +23,9 @@ Every example has the features of `synthetic_builder` (the layout the pipeline r
   `skip_bad`); `file_name`: the image's path relative to the manual directory (read back as
   UTF-8 bytes, TFDS' numpy decoding of `Text`);
 - `segments`: `{id, category_id, area, iscrowd}`, category ids being the annotation values
-  1..150; `iscrowd` is always False (ADE20K has no crowd regions).
+  1..150; `iscrowd` is always False (ADE20K has no crowd regions);
+- `ade20k_panoptic` only: `semantic`, uint8 `[H, W, 1]`, the SceneParsing annotation itself
+  (0 = void, 1..150), which the reference's semantic metrics of panoptic runs score against.
 
 `ade20k_semantic`: each pixel's id is its class (1..150), and 0 ("other" in the annotation) is
 void; one segment per class present, `{id: class, category_id: class, ...}`. The semantic task
@@ -120,6 +122,10 @@ class Ade20kPanoptic(raw_io.RawBuilder):
 
   name = PANOPTIC_NAME
   VERSION = tfds.core.Version("1.0.0")
+  # The SceneParsing label map too: the reference scores ADE20K panoptic runs' mIoU against it
+  # (`ade20k_panoptic_val`'s `sem_seg_file_name`), and it labels the thing pixels that no
+  # instance covers, which the panoptic map leaves void.
+  SEMANTIC = True
   SPLITS = SPLIT_DIRS
   COUNTS = {
     "stuff_pixels_overwritten": 0,
@@ -319,4 +325,6 @@ def _panoptic_example(
     "stuff_segments_emptied": int(len(stuff_classes) - np.sum(kept[1 : len(stuff_classes) + 1])),
     "thing_pixels_without_instance": int(np.sum(_CLASS_ISTHING[label] & ~on)),
   }
-  return _example(image, new_id[candidate], segments, index, file_name), stats
+  example = _example(image, new_id[candidate], segments, index, file_name)
+  example["semantic"] = panoptic_png.encode_png(label.astype(np.uint8))
+  return example, stats

@@ -48,6 +48,8 @@ __all__ = [
 ]
 
 TRAIN_KEYS = ("image", "segment_ids", "ids", "labels", "valid", "num_dropped")
+# Semantic label of unlabelled pixels (`evaluation.evaluator.IGNORE_LABEL`).
+SEMANTIC_IGNORE = 255
 # Source reads (PNG decoding, which releases the GIL) run in these threads. grain's default
 # buffers 500 decoded examples, too much memory for large images; 64 covers a few batches.
 READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=64)
@@ -319,8 +321,14 @@ def nonempty_instance_records(config, meta: DatasetMetadata) -> np.ndarray:
 class _EvalExample:
   """Record index -> evaluation example; index -1 gives an all-zero padding example."""
 
-  def __init__(self, source, config, meta: DatasetMetadata):
+  def __init__(self, source, config, meta: DatasetMetadata, has_semantic: bool = False):
     self._source = source
+    self._has_semantic = has_semantic
+    # Category id -> training label for the `semantic` feature; void and categories outside
+    # the task's labels are ignored (the evaluator's IGNORE_LABEL).
+    self._semantic_lut = np.full(max(c["id"] for c in meta.categories) + 1, SEMANTIC_IGNORE)
+    for category, label in meta.category_to_label.items():
+      self._semantic_lut[category] = label
     self._eval_size = tuple(config.eval_size)
     self._original_canvas = eval_original_canvas(config)
     self._short_side, self._max_size = int(config.eval_short_side), int(config.eval_max_size)
@@ -362,7 +370,14 @@ class _EvalExample:
         "segments; raise it (dropping ground truth would bias the metrics)"
       )
     labels = [self._category_to_label.get(int(c), -1) for c in seg["category_id"]]
+    extra = {}
+    if self._has_semantic:
+      semantic = self._semantic_lut[np.asarray(element["semantic"])[..., 0]].astype(np.int32)
+      padded = np.full(canvas, SEMANTIC_IGNORE, np.int32)
+      padded[: semantic.shape[0], : semantic.shape[1]] = semantic
+      extra["semantic_gt"] = padded
     return {
+      **extra,
       "image": image,
       "is_real": np.bool_(True),
       "index": np.int32(key),
@@ -391,7 +406,11 @@ class _EvalExample:
     h, w = self._eval_size
     s, m = self._max_segments, self._max_gt
     oh, ow = self._original_canvas
+    extra = {}
+    if self._has_semantic:
+      extra["semantic_gt"] = np.full((oh, ow), SEMANTIC_IGNORE, np.int32)
     return {
+      **extra,
       "image": np.zeros((h, w, 3), np.float32),
       "is_real": np.bool_(False),
       "index": np.int32(-1),
@@ -468,6 +487,9 @@ def create_eval_loader(
     `[b, Ho, Wo]` segment ids (0 = void and padding), and per segment `gt_ids` int32
     `[b, S]`, `gt_labels` int32 `[b, S]` (training label, -1 for categories outside the task's
     label space), `gt_isthing`, `gt_iscrowd`, `gt_valid` bool `[b, S]`;
+  - only for datasets with a `semantic` feature (`ade20k_panoptic`): `semantic_gt` int32
+    `[b, Ho, Wo]`, its training labels (255 where void or padding), which the semantic metrics
+    score against instead of the panoptic map merged by class;
   - the training targets of the task at the eval resolution `[H, W]`, as in training batches
     (for an evaluation loss).
 
@@ -486,7 +508,9 @@ def create_eval_loader(
   num_batches = math.ceil(math.ceil(len(source) / count) / local)
   keys = list(range(index, len(source), count))
   keys += [-1] * (num_batches * local - len(keys))
-  batches = grain.MapDataset.source(keys).map(_EvalExample(source, config, meta)).batch(local)
+  has_semantic = len(source) > 0 and "semantic" in source[0]
+  example = _EvalExample(source, config, meta, has_semantic)
+  batches = grain.MapDataset.source(keys).map(example).batch(local)
   workers = config.worker_count if worker_count is None else worker_count
   return EvalLoader(batches, len(source), workers)
 

@@ -237,24 +237,28 @@ ProgressFn = Callable[[str, int, int], None]
 Record = tuple[Any, str, Callable[[], tuple[dict, dict]]]
 
 
-def features(image_format: str | None) -> tfds.features.FeaturesDict:
+def features(image_format: str | None, semantic: bool = False) -> tfds.features.FeaturesDict:
   """The features of every dataset (`synthetic_builder`'s, plus `file_name`).
 
   Args:
     image_format: the `image` feature's declared encoding. It matters only for encoding arrays
       (the builders store bytes); decoders detect the format, so converted PNGs read back too.
+    semantic: add `semantic`, uint8 `[H, W, 1]` category ids (0 = void): the semantic ground
+      truth of a dataset whose semantic annotation is not its panoptic map merged by class
+      (`pipeline` scores the semantic metrics against it).
   """
-  return tfds.features.FeaturesDict(
-    {
-      "image": tfds.features.Image(shape=(None, None, 3), encoding_format=image_format),
-      "panoptic": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
-      "image_id": np.int64,
-      "file_name": tfds.features.Text(),
-      "segments": tfds.features.Sequence(
-        {"id": np.int64, "category_id": np.int64, "area": np.int64, "iscrowd": np.bool_}
-      ),
-    }
-  )
+  values = {
+    "image": tfds.features.Image(shape=(None, None, 3), encoding_format=image_format),
+    "panoptic": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+    "image_id": np.int64,
+    "file_name": tfds.features.Text(),
+    "segments": tfds.features.Sequence(
+      {"id": np.int64, "category_id": np.int64, "area": np.int64, "iscrowd": np.bool_}
+    ),
+  }
+  if semantic:
+    values["semantic"] = tfds.features.Image(shape=(None, None, 1), encoding_format="png")
+  return tfds.features.FeaturesDict(values)
 
 
 class RawBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -268,6 +272,7 @@ class RawBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   SPLITS: dict[str, str] = {}
   IMAGE_FORMAT: str | None = None
+  SEMANTIC = False  # whether examples carry the `semantic` feature (see `features`)
   COUNTS: dict[str, Any] = {}
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   # TFDS derives the location of a builder's checksum file through `importlib_resources`, a
@@ -301,7 +306,7 @@ class RawBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _info(self) -> tfds.core.DatasetInfo:
     # Records stay in the raw data's order, so eval indices follow the annotation files.
     return tfds.core.DatasetInfo(
-      builder=self, features=features(self.IMAGE_FORMAT), disable_shuffling=True
+      builder=self, features=features(self.IMAGE_FORMAT, self.SEMANTIC), disable_shuffling=True
     )
 
   def _download_and_prepare(self, dl_manager, download_config=None):

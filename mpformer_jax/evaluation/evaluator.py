@@ -222,6 +222,17 @@ def batch_semantic_ground_truth(batch: dict[str, np.ndarray], meta) -> np.ndarra
   return out
 
 
+def semantic_targets(batch: dict[str, np.ndarray], meta) -> np.ndarray:
+  """int32 `[b, Ho, Wo]` semantic ground truth of a local eval batch.
+
+  The loader's `semantic_gt` where the dataset has its own semantic annotation (ADE20K
+  panoptic, as the reference scores it); otherwise the panoptic map merged by class.
+  """
+  if "semantic_gt" in batch:
+    return batch["semantic_gt"]
+  return batch_semantic_ground_truth(batch, meta)
+
+
 class MetricsAccumulator:
   """Host-side metrics of one evaluation pass (this process's images), gathered by `compute`."""
 
@@ -336,7 +347,7 @@ def evaluate(
   start = time.perf_counter()
   pending = None
   for batch in batches:
-    batch = {**batch, "semantic_gt": batch_semantic_ground_truth(batch, meta)}
+    batch = {**batch, "semantic_gt": semantic_targets(batch, meta)}
     inputs = to_device({k: batch[k] for k in INPUT_KEYS})
     outputs = predict_fn(variables, *(inputs[k] for k in INPUT_KEYS))
     if "confusion" in outputs:
