@@ -79,6 +79,25 @@ def test_resize_to_original_matches_torch_per_example():
     assert not masks[b][:, ~canvas].any()
 
 
+def test_resize_to_original_skips_the_identity_resize_exactly():
+  """Canvas = input size and every image at its size: the crop alone, equal to the resize."""
+  x = np.random.default_rng(2).normal(size=(3, 2, 12, 10)).astype(np.float32)
+  same = np.array([[12, 10], [7, 9], [0, 0]], np.int32)  # the last: a padding example
+  fn = jax.jit(pp.resize_to_original, static_argnums=3)
+  masks, valid = (np.asarray(a) for a in fn(x, same, same, (12, 10)))
+  general = np.asarray(pp._resize_to_original(jnp.asarray(x), same, same, (12, 10)))
+  np.testing.assert_array_equal(masks, general)
+  np.testing.assert_array_equal(masks[0], x[0])
+  np.testing.assert_array_equal(masks[1][:, :7, :9], x[1][:, :7, :9])
+  assert not masks[1][:, 7:].any() and not masks[2].any() and not valid[2].any()
+  # One image that needs a resize takes the whole batch through the general path.
+  mixed = same.copy()
+  mixed[1] = [9, 10]
+  masks, _ = fn(x, mixed, same, (12, 10))
+  want = _torch_resize(x[1:2, :, :9, :10], (7, 9))[0].numpy()
+  np.testing.assert_allclose(np.asarray(masks)[1, :, :7, :9], want, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Structured logits: rectangles in a 12x12 grid of 32-pixel cells (384 = HF's working size).
 

@@ -63,6 +63,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -178,6 +179,24 @@ def resize_to_original(
   resized_size = jnp.asarray(resized_size, jnp.int32)
   image_size = jnp.asarray(image_size, jnp.int32)
   x = x.astype(jnp.float32)
+  valid = (jnp.arange(out_h)[None, :, None] < image_size[:, 0, None, None]) & (
+    jnp.arange(out_w)[None, None, :] < image_size[:, 1, None, None]
+  )
+  if x.shape[-2:] == (out_h, out_w):
+    # Images kept at their size (synthetic data, Cityscapes): the resize is the identity (unit
+    # scale: weights 1 and 0) and only the crop remains, so skip the gathers for such batches.
+    return lax.cond(
+      jnp.all(resized_size == image_size),
+      lambda x: jnp.where(valid[:, None], x, 0.0),
+      lambda x: _resize_to_original(x, resized_size, image_size, out_size),
+      x,
+    ), valid
+  return _resize_to_original(x, resized_size, image_size, out_size), valid
+
+
+def _resize_to_original(x, resized_size, image_size, out_size):
+  """`resize_to_original`'s crop and resize: `[B, C, Ho, Wo]`, 0 outside each image."""
+  out_h, out_w = out_size
   c0, c1, v0, v1 = _interp_taps(resized_size[:, 1], image_size[:, 1], out_w)  # [B, Wo]
 
   def columns(index):
@@ -189,11 +208,7 @@ def resize_to_original(
   def rows(index):
     return jnp.take_along_axis(x, index[:, None, :, None], axis=2)
 
-  x = u0[:, None, :, None] * rows(r0) + u1[:, None, :, None] * rows(r1)  # [B, C, Ho, Wo]
-  valid = (jnp.arange(out_h)[None, :, None] < image_size[:, 0, None, None]) & (
-    jnp.arange(out_w)[None, None, :] < image_size[:, 1, None, None]
-  )
-  return x, valid
+  return u0[:, None, :, None] * rows(r0) + u1[:, None, :, None] * rows(r1)  # [B, C, Ho, Wo]
 
 
 def semantic_inference(pred_logits: jax.Array, mask_logits: jax.Array) -> jax.Array:
