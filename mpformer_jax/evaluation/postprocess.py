@@ -71,9 +71,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 def _interp_matrix(in_size: jax.Array, out_size: jax.Array, in_dim: int, out_dim: int):
   """One axis of torch's bilinear `align_corners=False` resize as a dense matrix.
 
-  Reproduces ATen's `area_pixel_compute_source_index` / `compute_source_index_and_lambda` in
-  float32: `src = max((in / out) * (i + 0.5) - 0.5, 0)`, `i0 = min(floor(src), in - 1)`,
-  `i1 = i0 + (i0 < in - 1)`, `w1 = clip(src - i0, 0, 1)`, `w0 = 1 - w1`.
+  `_interp_taps`' two taps per output row, written into `[out_dim, in_dim]` rows.
 
   Args:
     in_size: `[...]` int, the used input length (<= `in_dim`; later input rows get no weight,
@@ -85,19 +83,7 @@ def _interp_matrix(in_size: jax.Array, out_size: jax.Array, in_dim: int, out_dim
   Returns:
     `[..., out_dim, in_dim]` float32 weights.
   """
-  in_size = jnp.maximum(jnp.asarray(in_size, jnp.int32), 1)[..., None]
-  out_size = jnp.asarray(out_size, jnp.int32)[..., None]
-  # torch: static_cast<float>(input_size) / output_size, in float32.
-  scale = in_size.astype(jnp.float32) / jnp.maximum(out_size, 1).astype(jnp.float32)
-  dst = jnp.arange(out_dim, dtype=jnp.float32)
-  src = jnp.maximum(scale * (dst + 0.5) - 0.5, 0.0)
-  i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), in_size - 1)
-  i1 = i0 + (i0 < in_size - 1).astype(jnp.int32)
-  w1 = jnp.clip(src - i0.astype(jnp.float32), 0.0, 1.0)
-  w0 = 1.0 - w1
-  rows = jnp.arange(out_dim) < out_size
-  w0 = jnp.where(rows, w0, 0.0)
-  w1 = jnp.where(rows, w1, 0.0)
+  i0, i1, w0, w1 = _interp_taps(in_size, out_size, out_dim)
   # i0 == i1 at the last input row: the two one-hots then add up to weight w0 + w1 = 1.
   return w0[..., None] * jax.nn.one_hot(i0, in_dim, dtype=jnp.float32) + w1[
     ..., None
@@ -128,19 +114,23 @@ def upsample_masks(mask_logits: jax.Array, size: tuple[int, int]) -> jax.Array:
 def _interp_taps(in_size: jax.Array, out_size: jax.Array, out_dim: int):
   """One axis of torch's bilinear `align_corners=False` resize as two taps per output row.
 
-  The same float32 arithmetic as `_interp_matrix`, kept as indices and weights so that a resize
-  costs O(output) instead of a dense `[out, in]` product.
+  Reproduces ATen's `area_pixel_compute_source_index` / `compute_source_index_and_lambda` in
+  float32: `src = max((in / out) * (i + 0.5) - 0.5, 0)`, `i0 = min(floor(src), in - 1)`,
+  `i1 = i0 + (i0 < in - 1)`, `w1 = clip(src - i0, 0, 1)`, `w0 = 1 - w1`. Kept as indices and
+  weights, a resize costs O(output) (`resize_to_original`); `_interp_matrix` makes the dense
+  form.
 
   Args:
-    in_size: `[B]` int, the used input length (the crop).
-    out_size: `[B]` int, the output length (<= `out_dim`; later rows get zero weights).
+    in_size: `[...]` int, the used input length (the crop).
+    out_size: `[...]` int, the output length (<= `out_dim`; later rows get zero weights).
     out_dim: static output axis length.
 
   Returns:
-    `(i0, i1, w0, w1)`, each `[B, out_dim]` (int32 indices, float32 weights).
+    `(i0, i1, w0, w1)`, each `[..., out_dim]` (int32 indices, float32 weights).
   """
-  in_size = jnp.maximum(jnp.asarray(in_size, jnp.int32), 1)[:, None]
-  out_size = jnp.asarray(out_size, jnp.int32)[:, None]
+  in_size = jnp.maximum(jnp.asarray(in_size, jnp.int32), 1)[..., None]
+  out_size = jnp.asarray(out_size, jnp.int32)[..., None]
+  # torch: static_cast<float>(input_size) / output_size, in float32.
   scale = in_size.astype(jnp.float32) / jnp.maximum(out_size, 1).astype(jnp.float32)
   dst = jnp.arange(out_dim, dtype=jnp.float32)
   src = jnp.maximum(scale * (dst + 0.5) - 0.5, 0.0)
