@@ -138,6 +138,8 @@ def loss_config() -> ml_collections.ConfigDict:
       "matcher_dice_weight": 5.0,
       "group_size": 4,  # images per reference GPU (sizes the MP block's `max_num`)
       "mask_pilot_class_loss": True,
+      # Mask losses: each image's valid pairs in chunks of this many; padding is skipped.
+      "pair_chunk": 8,
     }
   )
 

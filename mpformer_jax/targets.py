@@ -43,7 +43,7 @@ class Targets:
     return self.ids.shape[1]
 
 
-def sample_masks(targets: Targets, coords: jax.Array) -> jax.Array:
+def sample_masks(targets: Targets, coords: jax.Array, slots: jax.Array | None = None) -> jax.Array:
   """Binary GT masks bilinearly sampled at normalised points.
 
   Equals `point_sample(masks.float(), coords)` of the full-resolution binary masks (bilinear,
@@ -53,10 +53,12 @@ def sample_masks(targets: Targets, coords: jax.Array) -> jax.Array:
   Args:
     targets: the batch's `Targets` (`segment_ids` `[B, H, W]`).
     coords: `[B, P, 2]` normalised (x, y) in [0, 1], shared by all segments of an image, or
-      `[B, M, P, 2]` per segment.
+      `[B, M, P, 2]` per segment (`[B, N, P, 2]` per row with `slots`).
+    slots: optional int `[B, N]`: row `n` of image `b` is the mask of GT slot `slots[b, n]`
+      (rows in any order, slots repeated or left out). Default: the `M` slots in order.
 
   Returns:
-    float32 `[B, M, P]`; zero for invalid slots.
+    float32 `[B, M, P]` (`[B, N, P]` with `slots`); zero for invalid slots.
   """
   b, h, w = targets.segment_ids.shape
   flat_ids = targets.segment_ids.reshape(b, h * w)
@@ -68,6 +70,8 @@ def sample_masks(targets: Targets, coords: jax.Array) -> jax.Array:
     flat_ids, index.reshape(b, -1), axis=1, mode="promise_in_bounds"
   ).reshape(index.shape)
   ids = jnp.where(targets.valid, targets.ids, -1)  # invalid slots match nothing
+  if slots is not None:
+    ids = jnp.take_along_axis(ids, slots, axis=1)
   if shared:
     hit = corner_ids[:, None] == ids[:, :, None, None]  # [B, M, P, 4]
     return jnp.sum(jnp.where(hit, weight[:, None], 0.0), axis=-1)

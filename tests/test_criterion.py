@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from mpformer_jax.losses import criterion
 from mpformer_jax.losses.matcher import CostWeights
 from mpformer_jax.losses.points import point_counts, prefix_counts, smallest_k_indices
+from mpformer_jax.ops import rng as rng_lib
 from tests.helpers import random_targets
 
 
@@ -67,10 +69,10 @@ def test_smallest_k_indices_without_ties_takes_the_no_tie_branch(k):
   np.testing.assert_array_equal(got, want)
 
 
-def test_prefix_counts_equal_cumsum_across_blocks():
-  mask = np.random.default_rng(0).random((3, 300)) < 0.4  # 300: two full blocks and a partial
+def test_prefix_counts_equal_cumsum():
+  mask = np.random.default_rng(0).random((3, 300)) < 0.4  # 300: not a power of two
   mask[1] = True
-  got = np.asarray(prefix_counts(mask, block=128))
+  got = np.asarray(prefix_counts(mask))
   np.testing.assert_array_equal(got, np.cumsum(mask, axis=1))
   assert got.dtype == np.int32
 
@@ -104,6 +106,32 @@ def test_matching_costs_agree_whichever_side_is_sampled(num_points):
     np.testing.assert_allclose(got[i], np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
+def _bilinear(img, pts):  # grid_sample(align_corners=False, zeros)
+  t = torch.from_numpy(img)[None, None]
+  g = torch.from_numpy(2 * pts - 1)[None, :, None]
+  return F.grid_sample(t, g, align_corners=False)[0, 0, :, 0].numpy()
+
+
+def _numpy_mask_losses(maps, targets, valid, over, rand, unc_n):
+  """Sums over valid pairs (row `n` <-> GT slot `n % M`) of the reference's BCE and dice."""
+  m = targets.max_gt
+  seg, ids = np.asarray(targets.segment_ids), np.asarray(targets.ids)
+  want_bce = want_dice = 0.0
+  for b in range(maps.shape[0]):
+    for n in range(maps.shape[1]):
+      if not valid[b, n]:
+        continue
+      unc = -np.abs(_bilinear(maps[b, n], over[b, n]))
+      keep = over[b, n][np.argsort(-unc, kind="stable")[:unc_n]]
+      pts = np.concatenate([keep, rand[b, n]])
+      x = _bilinear(maps[b, n], pts)
+      t = _bilinear((seg[b] == ids[b, n % m]).astype(np.float32), pts)
+      s = 1 / (1 + np.exp(-x))
+      want_bce += np.mean(-(t * np.log(s) + (1 - t) * np.log(1 - s)))
+      want_dice += 1 - (2 * (s * t).sum() + 1) / (s.sum() + t.sum() + 1)
+  return want_bce, want_dice
+
+
 def test_mask_losses_equal_numpy_with_given_points():
   targets = random_targets(1, batch=2, size=(16, 16), max_gt=3, num_classes=3, counts=[3, 2])
   cfg = criterion.LossConfig(num_points=20, oversample_ratio=2.0, importance_sample_ratio=0.5)
@@ -114,28 +142,68 @@ def test_mask_losses_equal_numpy_with_given_points():
   rand = rng.uniform(size=(2, 3, rand_n, 2)).astype(np.float32)
   valid = np.asarray(targets.valid)
   bce, dice = criterion.mask_losses(maps, targets, valid, None, cfg, (over, rand))
-
-  def bilinear(img, pts):  # grid_sample(align_corners=False, zeros)
-    t = torch.from_numpy(img)[None, None]
-    g = torch.from_numpy(2 * pts - 1)[None, :, None]
-    return F.grid_sample(t, g, align_corners=False)[0, 0, :, 0].numpy()
-
-  dense = np.asarray(targets.segment_ids)[:, None] == np.asarray(targets.ids)[:, :, None, None]
-  want_bce = want_dice = 0.0
-  for b in range(2):
-    for j in range(3):
-      if not valid[b, j]:
-        continue
-      unc = -np.abs(bilinear(maps[b, j], over[b, j]))
-      keep = over[b, j][np.argsort(-unc, kind="stable")[:unc_n]]
-      pts = np.concatenate([keep, rand[b, j]])
-      x = bilinear(maps[b, j], pts)
-      t = bilinear(dense[b, j].astype(np.float32), pts)
-      s = 1 / (1 + np.exp(-x))
-      want_bce += np.mean(-(t * np.log(s) + (1 - t) * np.log(1 - s)))
-      want_dice += 1 - (2 * (s * t).sum() + 1) / (s.sum() + t.sum() + 1)
+  want_bce, want_dice = _numpy_mask_losses(maps, targets, valid, over, rand, unc_n)
   np.testing.assert_allclose(bce, want_bce, rtol=1e-5)
   np.testing.assert_allclose(dice, want_dice, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pair_chunk", [1, 2, 5, 64])
+def test_pooled_mask_losses_follow_each_terms_valid_pairs(pair_chunk):
+  # Three terms (two of M pairs, one of 2 M like an MP block), invalid pairs scattered among
+  # valid ones (on valid GT slots) and a term without any: every chunk size gives each
+  # term's numpy sums.
+  targets = random_targets(4, batch=2, size=(16, 16), max_gt=3, num_classes=3, counts=[3, 2])
+  cfg = criterion.LossConfig(
+    num_points=20, oversample_ratio=2.0, importance_sample_ratio=0.5, pair_chunk=pair_chunk
+  )
+  over_n, unc_n, rand_n = point_counts(20, 2.0, 0.5)
+  rng = np.random.default_rng(pair_chunk)
+  valids = [
+    np.array([[True, False, True], [False, True, False]]),
+    np.zeros((2, 3), bool),
+    np.array([[True, True, False, False, True, True], [True, False, False, True, False, False]]),
+  ]
+  terms, wants = [], []
+  for valid in valids:
+    n = valid.shape[1]
+    maps = rng.standard_normal((2, n, 4, 4)).astype(np.float32) * 3
+    maps[~valid] = np.nan  # padding must not leak into the sums
+    over = rng.uniform(size=(2, n, over_n, 2)).astype(np.float32)
+    rand = rng.uniform(size=(2, n, rand_n, 2)).astype(np.float32)
+    terms.append(criterion.PairTerm(maps, valid, None, (over, rand)))
+    wants.append(_numpy_mask_losses(maps, targets, valid, over, rand, unc_n))
+  bce, dice = jax.jit(lambda t: criterion.pooled_mask_losses(t, targets, cfg))(terms)
+  np.testing.assert_allclose(bce, [w[0] for w in wants], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(dice, [w[1] for w in wants], rtol=1e-5, atol=1e-6)
+
+
+def test_pooled_mask_losses_draw_each_pairs_points_from_its_own_key():
+  # With keys, a pair's points do not depend on the chunking or on the other pairs: chunks of
+  # 1 and of all pairs agree, and so do the value and gradient of a term computed alone.
+  targets = random_targets(5, batch=2, size=(16, 16), max_gt=4, num_classes=3, counts=[4, 2])
+  rng = np.random.default_rng(0)
+  maps = [rng.standard_normal((2, 4, 4, 4)).astype(np.float32) * 3 for _ in range(2)]
+  valid = np.asarray(targets.valid)
+  keys = [rng_lib.slot_keys(jax.random.key(i), 2, 1, 4) for i in range(2)]
+
+  def losses(maps, chunk, which=(0, 1)):
+    cfg = criterion.LossConfig(num_points=30, pair_chunk=chunk)
+    terms = [criterion.PairTerm(maps[i], valid, keys[i]) for i in which]
+    bce, dice = criterion.pooled_mask_losses(terms, targets, cfg)
+    weight = jnp.arange(1, len(which) + 1)  # term i counts i + 1 times
+    return jnp.sum(bce * weight) + jnp.sum(dice * weight), (bce, dice)
+
+  grad = jax.jit(jax.grad(losses, has_aux=True), static_argnums=(1, 2))
+  (g1, (b1, d1)), (g8, (b8, d8)) = grad(maps, 1), grad(maps, 8)
+  np.testing.assert_allclose(b1, b8, rtol=1e-6)
+  np.testing.assert_allclose(d1, d8, rtol=1e-6)
+  for a, b in zip(g1, g8, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+  (g_alone, (b_alone, d_alone)) = grad(maps, 3, (1,))
+  np.testing.assert_allclose(b_alone[0], b8[1], rtol=1e-6)
+  np.testing.assert_allclose(d_alone[0], d8[1], rtol=1e-6)
+  np.testing.assert_allclose(g_alone[1], g8[1] / 2, rtol=1e-5, atol=1e-8)
+  assert np.abs(g8[1][valid]).sum() > 0 and np.all(g8[1][~valid] == 0)
 
 
 class _RandQueue:

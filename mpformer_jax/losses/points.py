@@ -73,7 +73,8 @@ def smallest_k_indices(values: jax.Array, k: int) -> jax.Array:
   def bisect(_, bounds):
     lo, hi = bounds
     mid = lo + (hi - lo) // 2
-    enough = jnp.sum((bits <= mid[:, None]).astype(jnp.int32), axis=1) >= k
+    # Counts in float32 (exact below 2**24): XLA:CPU's float sum is ~1.5x faster than int32's.
+    enough = jnp.sum((bits <= mid[:, None]).astype(jnp.float32), axis=1) >= k
     return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
 
   # Invariant: the k-th smallest bit pattern lies in [lo, hi]; 31 halvings close the range.
@@ -102,23 +103,14 @@ def smallest_k_indices(values: jax.Array, k: int) -> jax.Array:
   return jax.vmap(lambda o, i, p: o.at[i].set(p, mode="drop"))(out, slot, positions)
 
 
-def prefix_counts(mask: jax.Array, block: int = 128) -> jax.Array:
+def prefix_counts(mask: jax.Array) -> jax.Array:
   """Inclusive running count of True along each row of a bool `[N, S]`: int32 `[N, S]`.
 
-  `jnp.cumsum` is a slow reduce-window on XLA:CPU (~10 ms for the 1.2M entries of the synthetic
-  config's uncertain points). Here each block of `block` entries is summed with a triangular
-  matrix product (exact: counts stay far below 2**24 in float32) and blocks are offset by the
-  cumulative sum of the block totals, a short axis.
+  `jnp.cumsum` is a slow reduce-window on XLA:CPU (9 ms for the 1.2M entries of 32 x 37632
+  oversampled points); the log-depth `associative_scan` takes 3 ms (a triangular-matrix product
+  per 128-entry block took 10 ms).
   """
-  n, s = mask.shape
-  pad = (-s) % block
-  blocks = jnp.pad(mask.astype(jnp.float32), ((0, 0), (0, pad))).reshape(n, -1, block)
-  upper = jnp.triu(jnp.ones((block, block), jnp.float32))  # [i, j] = 1 where i <= j
-  within = jnp.einsum("nbi,ij->nbj", blocks, upper, precision=jax.lax.Precision.HIGHEST)
-  totals = within[..., -1]
-  offsets = jnp.cumsum(totals, axis=1) - totals
-  counts = (within + offsets[..., None]).reshape(n, -1)[:, :s]
-  return counts.astype(jnp.int32)
+  return jax.lax.associative_scan(jnp.add, mask.astype(jnp.int32), axis=1)
 
 
 def point_counts(num_points: int, oversample_ratio: float, importance_ratio: float):
