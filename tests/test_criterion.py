@@ -177,6 +177,20 @@ def test_pooled_mask_losses_follow_each_terms_valid_pairs(pair_chunk):
   np.testing.assert_allclose(dice, [w[1] for w in wants], rtol=1e-5, atol=1e-6)
 
 
+def test_pooled_mask_losses_refuse_terms_that_mix_points_and_keys():
+  targets = random_targets(6, batch=1, size=(8, 8), max_gt=2, num_classes=2, counts=[2])
+  maps = np.zeros((1, 2, 4, 4), np.float32)
+  valid = np.ones((1, 2), bool)
+  over, rand = np.zeros((1, 2, 4, 2), np.float32), np.zeros((1, 2, 2, 2), np.float32)
+  terms = [
+    criterion.PairTerm(maps, valid, None, (over, rand)),
+    criterion.PairTerm(maps, valid, rng_lib.slot_keys(jax.random.key(0), 1, 1, 2)),
+  ]
+  cfg = criterion.LossConfig(num_points=4, oversample_ratio=1.0)
+  with pytest.raises(ValueError, match="mix given"):
+    criterion.pooled_mask_losses(terms, targets, cfg)
+
+
 def test_pooled_mask_losses_draw_each_pairs_points_from_its_own_key():
   # With keys, a pair's points do not depend on the chunking or on the other pairs: chunks of
   # 1 and of all pairs agree, and so do the value and gradient of a term computed alone.

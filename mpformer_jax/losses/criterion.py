@@ -133,7 +133,7 @@ def pooled_mask_losses(
 ) -> tuple[jax.Array, jax.Array]:
   """Sums over valid pairs of the point-sampled BCE and dice losses, for several terms at once.
 
-  Most pairs are padding: every GT slot of every prediction has one, and real images fill a
+  Many pairs are padding: every GT slot of every prediction has one, and real images fill a
   fraction of the slots (10 segments in 16 slots at the benchmark's setting; the first slot
   bucket of the paper configs is 32). Point selection on 3 x 12544 points per pair dominates the
   objective's cost, so the work follows the valid pairs only, with fixed shapes:
@@ -146,7 +146,8 @@ def pooled_mask_losses(
   of the unpooled computation (up to float summation order), whatever the chunking.
 
   Args:
-    terms: the loss terms; all share `h, w` and the batch.
+    terms: the loss terms; all share `h, w` and the batch, and all carry `uniform` points or
+      all carry `keys`.
     targets: the batch's `Targets` (M slots).
     cfg: loss config.
 
@@ -163,6 +164,8 @@ def pooled_mask_losses(
   maps = jnp.concatenate([t.maps for t in terms], axis=1)  # [B, T, h, w]
   valid = jnp.concatenate([t.valid for t in terms], axis=1)  # [B, T]
   given = terms[0].uniform is not None
+  if any((t.uniform is not None) != given for t in terms):
+    raise ValueError("pooled_mask_losses: terms mix given `uniform` points and `keys`")
   if given:
     over_all = jnp.concatenate([t.uniform[0] for t in terms], axis=1)
     rand_all = jnp.concatenate([t.uniform[1] for t in terms], axis=1)
