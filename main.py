@@ -35,6 +35,10 @@ def main(argv):
   if FLAGS.mode == "predict" and not (FLAGS.input and FLAGS.output):
     raise app.UsageError("--mode predict needs --input (images) and --output (a directory)")
   config = FLAGS.config
+  from mpformer_jax import host_memory
+
+  # Before JAX starts a backend: threads choose their malloc arena at their first allocation.
+  kept = host_memory.configure(config.host.keep_freed_memory)
   import jax
 
   if config.distributed.enabled:
@@ -54,6 +58,11 @@ def main(argv):
     jax.local_device_count(),
     jax.device_count(),
     jax.default_backend(),
+  )
+  logging.info(
+    "Host memory (host.keep_freed_memory=%s): %s",
+    config.host.keep_freed_memory,
+    "freed memory is kept in the process" if kept else "glibc's defaults",
   )
   logging.info("Config:\n%s", config)
 

@@ -5,6 +5,7 @@ Trains the embedded default for `--steps` steps in this process (the same code p
 step, the median steps/s reported by the trainer after the first `log_every` steps, evaluation
 images/s of the second evaluation (compiled already), and the process's peak
 resident memory (on a CPU backend the device memory is host memory, so this bounds both).
+`host.keep_freed_memory` is applied as `main.py` applies it (`--set host.keep_freed_memory=...`).
 
 Usage: .venv/bin/python experiments/bench_synthetic.py [--steps 60] [--variant mp_former]
   [--workdir /tmp/bench_synthetic] [--set key=value ...]
@@ -27,6 +28,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import synthetic  # noqa: E402
+from mpformer_jax import host_memory  # noqa: E402
 from mpformer_jax.training import trainer  # noqa: E402
 from mpformer_jax.training.monitors import CompileCounter  # noqa: E402
 
@@ -56,6 +58,8 @@ def main():
   for assignment in args.set:
     _set(config, assignment)
   shutil.rmtree(args.workdir, ignore_errors=True)
+  # As main.py does, before JAX starts its backend.
+  kept = host_memory.configure(config.host.keep_freed_memory)
 
   start = time.perf_counter()
   with CompileCounter() as compiles:
@@ -78,6 +82,7 @@ def main():
       "jax": jax.__version__,
       "backend": jax.default_backend(),
       "devices": jax.device_count(),
+      "host_memory_kept": kept,
     },
     "config": {
       "variant": args.variant,

@@ -17,6 +17,12 @@ Same network and weights on both sides (the Hugging Face model is converted with
   BatchNorm statistics frozen. Ground truth: `--segments` random segments per image, padded
   to `--max-gt` slots on our side (HF takes lists of the real ones).
 
+Both sides run in this one process and share its allocator. By default (`--host-memory keep`)
+glibc keeps freed memory in the process, as `main.py` sets it on a CPU (see
+`mpformer_jax/host_memory.py`): with glibc's defaults both sides page-fault their large
+per-step buffers in anew on every call, which costs either side 20-40% of its time on this
+2-core machine. `--host-memory system` measures with glibc's defaults.
+
 Runs alternate in blocks (ours x runs, PyTorch x runs, repeated) so that slow drifts of a shared
 machine hit both alike. Each block starts with an untimed run, because the first run after the
 other framework's is slow for either side. The JSON reports medians and the ratio
@@ -24,6 +30,7 @@ ours / PyTorch (below 1.0: we are faster).
 
 Usage: .venv/bin/python experiments/benchmark.py [--sizes 256 512] [--batch 2] [--runs 2]
   [--blocks 4] [--parts] [--train-step [--segments 10] [--max-gt 16]] [--no-inference]
+  [--host-memory keep|system]
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from mpformer_jax import models  # noqa: E402
+from mpformer_jax import host_memory, models  # noqa: E402
 from mpformer_jax.convert import hf_mask2former  # noqa: E402
 from mpformer_jax.convert.common import to_numpy_state_dict  # noqa: E402
 
@@ -271,7 +278,16 @@ def main():
   parser.add_argument("--no-inference", action="store_true", help="skip forward(+backward)")
   parser.add_argument("--segments", type=int, default=10, help="GT segments per image")
   parser.add_argument("--max-gt", type=int, default=16, help="our padded GT slots per image")
+  parser.add_argument(
+    "--host-memory",
+    choices=("keep", "system"),
+    default="keep",
+    help="keep: glibc keeps freed memory (main.py's default on a CPU; both sides share it, "
+    "being one process); system: glibc's defaults",
+  )
   args = parser.parse_args()
+  # Before either framework starts its threads (they pick their malloc arena then).
+  kept = args.host_memory == "keep" and host_memory.keep_freed_memory()
 
   import torch
 
@@ -310,6 +326,7 @@ def main():
       "jax_backend": jax.default_backend(),
       "torch": torch.__version__,
       "torch_threads": torch.get_num_threads(),
+      "host_memory_kept": kept,
     },
     "config": {
       "backbone": "resnet50",

@@ -226,6 +226,10 @@ def base_config(model: ml_collections.ConfigDict, dataset: ml_collections.Config
         "num_processes": 0,
         "process_id": -1,
       },
+      # Keep freed host memory in the process (glibc malloc), so XLA:CPU's per-step buffers
+      # are not page-faulted in again every step: "auto" (on when JAX runs on the CPU), "on",
+      # "off". See mpformer_jax/host_memory.py.
+      "host": {"keep_freed_memory": "auto"},
     }
   )
   # One number, two readers: the objective's normalisers and the mask pilot's block size both

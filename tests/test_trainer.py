@@ -233,11 +233,12 @@ def test_predict_mode_writes_every_format_at_the_original_size(tmp_path, data_di
   out = run_main(
     straight_dir,
     data_dir,
-    loose,
+    {**loose, "host.keep_freed_memory": "off"},
     devices=1,
     flags=["--mode=predict", f"--input={inputs}", f"--output={output}"],
   )
   assert f"Predicted 3 images with step {STEPS}" in out, out[-3000:]
+  assert "=off): glibc's defaults" in out, out[-3000:]
   assert "1 larger than dataset.eval_original_size" in out, out[-3000:]  # b.png
 
   with open(output / "images.json") as f:
@@ -401,6 +402,8 @@ def test_checkpoint_from_8_devices_continues_on_1(
   extra = {**settings, "training.total_steps": STEPS + 1}
   out = run_main(workdir, data_dir, extra, devices=1, env_extra=env)
   assert f"Restored checkpoint at step {STEPS}" in out, out[-3000:]
+  # host.keep_freed_memory="auto" on the CPU platform (see test_host_memory.py).
+  assert "=auto): freed memory is kept in the process" in out, out[-3000:]
   assert saved_params(workdir)[1] == STEPS + 1
 
 
