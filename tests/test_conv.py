@@ -28,6 +28,8 @@ def _reference_conv(x, kernel, stride, padding):
     (1, 2, 16, 24, (9, 12)),  # strided 1x1 (projection shortcut)
     (3, 1, 8, 16, (10, 7)),  # im2col weight gradient (few input channels)
     (3, 2, 64, 32, (11, 14)),  # per-tap weight gradient, stride 2, odd sizes
+    (3, 1, 64, 48, (9, 13)),  # one GEMM over row- and column-shifted copies, stride 1
+    (5, 1, 64, 16, (8, 11)),  # the same with 2 rows of padding
     (7, 2, 3, 16, (20, 18)),  # the ResNet stem
   ],
 )

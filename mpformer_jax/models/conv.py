@@ -7,8 +7,9 @@ steps there slower than PyTorch's. So on the CPU:
 - a 1x1 convolution is a 2-D matrix product over the channel axis (forward and backward are
   GEMMs);
 - a kxk convolution keeps XLA's forward and input gradient, and computes the weight gradient
-  with GEMMs over the shifted input (one per tap; one im2col GEMM when C_in is small): 6-7x
-  faster than XLA's weight gradient at the pixel decoder's 3x3, 256-channel convolution.
+  with GEMMs over the shifted input (one im2col GEMM when C_in is small, one GEMM over
+  row- and column-shifted copies at stride 1, one per tap otherwise): 6-7x faster than XLA's
+  weight gradient at the pixel decoder's 3x3, 256-channel convolution.
 
 Parameters are the same as `flax.linen.Conv`'s (`kernel [kh, kw, C_in, C_out]`, `bias [C_out]`),
 so checkpoints and converters do not care which path ran.
@@ -49,6 +50,44 @@ def _patches(x, kernel_size: int, stride: int, padding: int, out_hw: tuple[int, 
   return jnp.concatenate(taps, axis=-1)
 
 
+def _weight_grad_stride_1(x, dy, kernel_size: int, padding: int):
+  """Weight gradient of a stride-1 convolution as one GEMM: `[k*C, N] @ [N, k*O]`.
+
+  `dW[i, j] = sum_{b,h,w} xp[b, h + i, w + j] dy[b, h, w]` (`xp`: the padded input). The
+  column taps `j` become channels of `xp` (a width-only im2col, `k` times the input), and
+  the row taps `i` become channels of `dy` padded with `i` rows above and `k - 1 - i` below
+  (`dy[h' - i]` lines up with `xp[h']`; the padding rows keep images apart). One product over
+  all `B * (H + 2p) * W_out` positions then gives every `(j, c, i, o)` entry. Against one GEMM
+  per tap over strided slices of `xp` (`k * k` input-sized copies, `k * k` small products),
+  this copies `k` inputs and `k` output gradients: 1.3x faster on R50's 64-channel 3x3
+  convolutions at 512 x 256 pixels (128 x 128 maps), 1.0-1.1x on the others.
+
+  Args:
+    x: `[B, H, W, C]` input.
+    dy: `[B, H_out, W_out, O]` output gradient (`H_out = H + 2 * padding - k + 1`).
+    kernel_size: `k`.
+    padding: symmetric zero padding.
+
+  Returns:
+    `[k, k, C, O]` float32.
+  """
+  k = kernel_size
+  cin, cout = x.shape[-1], dy.shape[-1]
+  wo = dy.shape[2]
+  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  columns = jnp.concatenate([xp[:, :, j : j + wo] for j in range(k)], axis=-1)
+  rows = jnp.concatenate(
+    [jnp.pad(dy, ((0, 0), (i, k - 1 - i), (0, 0), (0, 0))) for i in range(k)], axis=-1
+  )
+  grad = jax.lax.dot_general(
+    columns.reshape(-1, k * cin),
+    rows.reshape(-1, k * cout),
+    (((0,), (0,)), ((), ())),
+    preferred_element_type=jnp.float32,
+  )  # [(j, c), (i, o)]
+  return grad.reshape(k, cin, k, cout).transpose(2, 0, 1, 3)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv_gemm_weight_grad(x, kernel, stride: int, padding: int):
   return _lax_conv(x, kernel, stride, padding)
@@ -65,7 +104,9 @@ def _conv_bwd(stride, padding, residuals, dy):
   _, vjp_x = jax.vjp(lambda x: _lax_conv(x, kernel, stride, padding), x)
   (dx,) = vjp_x(dy)
   dy2 = dy.reshape(-1, cout)
-  if cin < 64:
+  if stride == 1 and cin >= 64:
+    dkernel = _weight_grad_stride_1(x, dy, kh, padding)
+  elif cin < 64:
     # Few input channels (the stem): one GEMM over the im2col patches.
     patches = _patches(x, kh, stride, padding, dy.shape[1:3]).reshape(-1, kh * kw * cin)
     dkernel = jnp.dot(patches.T, dy2, preferred_element_type=jnp.float32)
