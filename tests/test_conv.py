@@ -49,18 +49,23 @@ def test_conv2d_matches_xla_convolution(kernel_size, stride, cin, cout, size):
   np.testing.assert_allclose(dk, rdk, rtol=1e-4, atol=1e-4)
 
 
-def test_max_pool_matches_torch():
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("size", [(9, 12), (16, 16)])
+def test_max_pool_matches_torch(ties, size):
   rng = np.random.default_rng(1)
-  x = rng.standard_normal((2, 9, 12, 5)).astype(np.float32)
-  cot = rng.standard_normal((2, 5, 6, 5)).astype(np.float32)
+  x = rng.standard_normal((2, *size, 5)).astype(np.float32)
+  if ties:
+    # Few distinct values (and zeros, as after a ReLU): most windows hold tied maxima, and
+    # PyTorch gives each output's gradient to the first of them in row-major order.
+    x = np.maximum(np.round(x), 0.0).astype(np.float32)
   out, vjp = jax.vjp(lambda x: max_pool2d(x, 3, 2, 1), x)
-  (dx,) = vjp(cot)
+  cot = rng.standard_normal(out.shape).astype(np.float32)
+  (dx,) = jax.jit(vjp)(cot)
   xt = torch.from_numpy(np.transpose(x, (0, 3, 1, 2)).copy()).requires_grad_(True)
   yt = torch.nn.functional.max_pool2d(xt, 3, 2, 1)
   (dxt,) = torch.autograd.grad(yt, xt, torch.from_numpy(np.transpose(cot, (0, 3, 1, 2)).copy()))
   np.testing.assert_allclose(out, np.transpose(yt.detach().numpy(), (0, 2, 3, 1)), atol=0)
-  # Random inputs have no ties, so the gradient goes where PyTorch sends it.
-  np.testing.assert_allclose(dx, np.transpose(dxt.numpy(), (0, 2, 3, 1)), atol=1e-6)
+  np.testing.assert_allclose(dx, np.transpose(dxt.numpy(), (0, 2, 3, 1)), rtol=1e-6, atol=1e-6)
 
 
 def test_conv_dtype_bfloat16():
