@@ -292,14 +292,14 @@ class TransformerDecoder(nn.Module):
       )
       blocked = predict(x, i + 1)
 
-    # One product for the stride-4 masks of every prediction: [L, B, T, H4, W4]. Split (not
-    # indexed) apart: the gradient of `split` is one concatenation, whereas each indexing op
-    # would pad its gradient back to the full stacked size. The training losses use the mask
-    # embeddings with `mask_features` instead (cheaper at sampled points); the full masks are
-    # then never computed.
+    # One product per prediction for its stride-4 masks [B, T, H4, W4], each written straight
+    # into its own output. One stacked product split apart afterwards copies every mask once
+    # more (forward and backward of the 10 masks: 650 -> 540 ms at 512 x 512, 149 -> 121 ms at
+    # 256, R50 shapes, on a 2-core CPU). The training losses use the mask embeddings with
+    # `mask_features` instead (cheaper at sampled points); the full masks are then never
+    # computed.
     embeds = [embed for _, embed in predictions]
-    masks = mask_logits(jnp.stack(embeds), mask_features)
-    masks = [m[0] for m in jnp.split(masks, len(predictions), axis=0)]
+    masks = [mask_logits(embed, mask_features) for embed in embeds]
     logits = [lg for lg, _ in predictions]
 
     def pack(parts):
