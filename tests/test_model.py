@@ -176,3 +176,22 @@ def test_every_msda_implementation_gives_the_same_network(implementation):
     got = got_grads[encoder]["self_attn"][path]["kernel"]
     assert np.abs(want).max() > 0
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 5, 17])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_broadcast_to_batch_has_broadcast_to_value_and_gradient(batch, dtype):
+  from mpformer_jax.models.layers import broadcast_to_batch
+
+  rng = np.random.default_rng(batch)
+  x = jnp.asarray(rng.standard_normal((7, 6)), dtype)
+  cot = jnp.asarray(rng.standard_normal((batch, 7, 6)), dtype)
+  ours, ours_vjp = jax.vjp(lambda x: broadcast_to_batch(x, batch), x)
+  ref_out, ref_vjp = jax.vjp(lambda x: jnp.broadcast_to(x[None], (batch, 7, 6)), x)
+  np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(ref_out, np.float32))
+  (grad,), (ref_grad,) = jax.jit(ours_vjp)(cot), ref_vjp(cot)
+  assert grad.dtype == dtype
+  tol = 1e-6 if dtype == jnp.float32 else 5e-2
+  np.testing.assert_allclose(
+    np.asarray(grad, np.float32), np.asarray(ref_grad, np.float32), rtol=tol, atol=tol
+  )

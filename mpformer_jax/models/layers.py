@@ -8,6 +8,7 @@ projection.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -27,6 +28,47 @@ torch_linear_kernel = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uni
 c2_xavier_fill = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
 # nn.Embedding and the pixel decoder's level_embed: N(0, 1).
 standard_normal = nn.initializers.normal(stddev=1.0)
+
+
+def broadcast_to_batch(x: jax.Array, batch: int) -> jax.Array:
+  """`x` `[...]` repeated along a new leading axis: `[batch, ...]`.
+
+  The value of `jnp.broadcast_to(x[None], (batch, *x.shape))`. Its gradient, the sum over the
+  batch, is written as explicit additions of the batch's slices (for batches up to 16):
+  XLA:CPU reduces a small leading axis into a large output very slowly (summing
+  `[2, 5376, 256]` over axis 0: 23 ms, against 0.4 ms for `g[0] + g[1]`; the pixel decoder's
+  positional embedding is broadcast like this in each of its 6 layers).
+
+  Args:
+    x: any array, typically a learned or fixed embedding `[S, D]`.
+    batch: size of the new leading axis.
+
+  Returns:
+    `[batch, *x.shape]`.
+  """
+  return _broadcast_to_batch(x, batch)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _broadcast_to_batch(x, batch: int):
+  return jnp.broadcast_to(x[None], (batch, *x.shape))
+
+
+def _broadcast_to_batch_fwd(x, batch):
+  return _broadcast_to_batch(x, batch), None
+
+
+def _broadcast_to_batch_bwd(batch, _, g):
+  if batch > 16:
+    return (jnp.sum(g, axis=0),)
+  parts = [g[i] for i in range(batch)]
+  while len(parts) > 1:  # a balanced tree of additions
+    pairs = [parts[i] + parts[i + 1] for i in range(0, len(parts) - 1, 2)]
+    parts = pairs + parts[len(pairs) * 2 :]
+  return (parts[0],)
+
+
+_broadcast_to_batch.defvjp(_broadcast_to_batch_fwd, _broadcast_to_batch_bwd)
 
 
 def torch_linear_bias(fan_in: int):

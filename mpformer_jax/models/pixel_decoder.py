@@ -265,7 +265,9 @@ class PixelDecoder(nn.Module):
     src = jnp.concatenate(srcs, axis=1)
     pos_embed = jnp.concatenate(
       [jnp.asarray(p) + level_embed[lvl] for lvl, p in enumerate(pos)], axis=0
-    ).astype(self.dtype)[None]
+    ).astype(self.dtype)
+    # Broadcast over the batch once, for all layers: see `broadcast_to_batch` for why.
+    pos_embed = layers.broadcast_to_batch(pos_embed, src.shape[0])
     reference_points = jnp.asarray(_encoder_reference_points(shapes))
 
     for i in range(self.num_layers):

@@ -62,7 +62,7 @@ class DecoderLayer(nn.Module):
 
     Args:
       x: queries `[B, T, D]`.
-      query_pos: `[1 or B, T, D]` query positional embedding, or None.
+      query_pos: `[B, T, D]` query positional embedding, or None.
       memory: level features `[B, S, D]` (level embedding added).
       memory_pos: `[1, S, D]` positional encoding of the level.
       cross_blocked: bool `[B, 1, T, S]`, True = blocked.
@@ -241,12 +241,14 @@ class TransformerDecoder(nn.Module):
     queries = nn.Embed(
       self.num_queries, d, embedding_init=layers.standard_normal, name="query_feat"
     ).embedding
-    x = jnp.broadcast_to(queries.astype(self.dtype)[None], (b, self.num_queries, d))
+    x = layers.broadcast_to_batch(queries.astype(self.dtype), b)
     query_pos = None
     if self.query_pos_embed:
       query_pos = nn.Embed(
         self.num_queries, d, embedding_init=layers.standard_normal, name="query_embed"
-      ).embedding.astype(self.dtype)[None]
+      ).embedding.astype(self.dtype)
+      # Over the batch once, not in each of the layers' additions (`broadcast_to_batch`).
+      query_pos = layers.broadcast_to_batch(query_pos, b)
 
     num_mp = 0
     self_blocked = None
@@ -256,7 +258,7 @@ class TransformerDecoder(nn.Module):
       x = jnp.concatenate([mask_pilot.queries.astype(self.dtype), x], axis=1)
       if query_pos is not None:
         # The MP queries have no positional embedding (MP-Former drops it for all queries).
-        query_pos = jnp.concatenate([jnp.zeros((1, num_mp, d), query_pos.dtype), query_pos], 1)
+        query_pos = jnp.concatenate([jnp.zeros((b, num_mp, d), query_pos.dtype), query_pos], 1)
       self_blocked = mask_pilot.self_attn_mask
       if self_blocked.ndim == 3:
         self_blocked = self_blocked[:, None]  # broadcast over heads

@@ -239,6 +239,12 @@ def _row_dots(table: jax.Array, rows: jax.Array, vectors: jax.Array) -> jax.Arra
   return out
 
 
+def _sum_corners(x: jax.Array) -> jax.Array:
+  """`x.sum(-1)` over the 4 corners as explicit additions: one elementwise loop fusion, where
+  XLA:CPU's reduction over a last axis of 4 was 2-3x slower."""
+  return (x[..., 0] + x[..., 1]) + (x[..., 2] + x[..., 3])
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _msda_xla_core(
   spatial_shapes: SpatialShapes, value: jax.Array, loc: jax.Array, attn: jax.Array
@@ -308,9 +314,9 @@ def _msda_xla_bwd(spatial_shapes, res, ct):
   # d w_lo / dx = -valid_lo and d w_hi / dx = valid_hi (floor has zero derivative).
   sx = fx(-tx.valid_lo.astype(ctype), tx.valid_hi.astype(ctype)) * fy(ty.w_lo, ty.w_hi)
   sy = fy(-ty.valid_lo.astype(ctype), ty.valid_hi.astype(ctype)) * fx(tx.w_lo, tx.w_hi)
-  d_attn = jnp.sum(cw * dots, -1)
-  d_x = jnp.sum(sx * dots, -1)
-  d_y = jnp.sum(sy * dots, -1)
+  d_attn = _sum_corners(cw * dots)
+  d_x = _sum_corners(sx * dots)
+  d_y = _sum_corners(sy * dots)
   widths = np.array([w for _, w in spatial_shapes], np.float32)[:, None]
   heights = np.array([h for h, _ in spatial_shapes], np.float32)[:, None]
   d_loc = jnp.stack([d_x * (a * widths.astype(ctype)), d_y * (a * heights.astype(ctype))], -1)
