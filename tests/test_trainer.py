@@ -389,7 +389,11 @@ def test_preemption_and_kill_9_on_one_device_lose_nothing_and_match_8_devices(
   assert "Restored checkpoint at step" in out, out[-3000:]
   params, step = saved_params(tmp_path)
   assert step == STEPS
-  assert_params_close(params, saved_params(straight_dir)[0], rtol=1e-5, atol=1e-5)
+  # 1 and 8 devices sum the gradients in different orders. AdamW normalises each update, so
+  # an element whose gradient is almost zero can move by part of a step more on one side: one
+  # backbone element (lr 3e-5) of 9216 in its kernel differed by 1.3e-5 after 6 steps. A lost
+  # or repeated step would move most other parameters (lr 3e-4) by far more than 5e-5.
+  assert_params_close(params, saved_params(straight_dir)[0], rtol=1e-5, atol=5e-5)
 
 
 def test_checkpoint_from_8_devices_continues_on_1(
