@@ -20,7 +20,7 @@ Same network and weights on both sides (the Hugging Face model is converted with
 Both sides run in this one process and share its allocator. By default (`--host-memory keep`)
 glibc keeps freed memory in the process, as `main.py` sets it on a CPU (see
 `mpformer_jax/host_memory.py`): with glibc's defaults both sides page-fault their large
-per-step buffers in anew on every call, which costs either side 20-40% of its time on this
+per-step buffers in anew on every call, which cost either side 20-35% of its time on this
 2-core machine. `--host-memory system` measures with glibc's defaults.
 
 Runs alternate in blocks (ours x runs, PyTorch x runs, repeated) so that slow drifts of a shared

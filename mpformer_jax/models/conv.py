@@ -38,15 +38,25 @@ def _lax_conv(x, kernel, stride: int, padding: int):
   )
 
 
-def _patches(x, kernel_size: int, stride: int, padding: int, out_hw: tuple[int, int]):
-  """im2col: `[B, Ho, Wo, k*k*C]` with taps in (row, column, channel) order, like HWIO."""
+def _pad_spatial(x, padding: int, value: float = 0.0):
+  """`[B, H, W, C]` padded by `padding` on every side of H and W."""
+  pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+  return jnp.pad(x, pad, constant_values=value)
+
+
+def _window_taps(xp, kernel_size: int, stride: int, out_hw: tuple[int, int]):
+  """The `k*k` strided views of the padded input that one output position reads, row-major."""
   ho, wo = out_hw
-  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  taps = [
-    xp[:, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride, :]
+  return [
+    xp[:, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride]
     for i in range(kernel_size)
     for j in range(kernel_size)
   ]
+
+
+def _patches(x, kernel_size: int, stride: int, padding: int, out_hw: tuple[int, int]):
+  """im2col: `[B, Ho, Wo, k*k*C]` with taps in (row, column, channel) order, like HWIO."""
+  taps = _window_taps(_pad_spatial(x, padding), kernel_size, stride, out_hw)
   return jnp.concatenate(taps, axis=-1)
 
 
@@ -60,7 +70,8 @@ def _weight_grad_stride_1(x, dy, kernel_size: int, padding: int):
   all `B * (H + 2p) * W_out` positions then gives every `(j, c, i, o)` entry. Against one GEMM
   per tap over strided slices of `xp` (`k * k` input-sized copies, `k * k` small products),
   this copies `k` inputs and `k` output gradients: 1.3x faster on R50's 64-channel 3x3
-  convolutions at 512 x 256 pixels (128 x 128 maps), 1.0-1.1x on the others.
+  convolutions at 512 x 512 images (128 x 128 maps), 0.9-1.2x on its other stride-1 ones
+  (slower only on the 8 x 8, 512-channel maps of 256 x 256 images).
 
   Args:
     x: `[B, H, W, C]` input.
@@ -74,7 +85,7 @@ def _weight_grad_stride_1(x, dy, kernel_size: int, padding: int):
   k = kernel_size
   cin, cout = x.shape[-1], dy.shape[-1]
   wo = dy.shape[2]
-  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  xp = _pad_spatial(x, padding)
   columns = jnp.concatenate([xp[:, :, j : j + wo] for j in range(k)], axis=-1)
   rows = jnp.concatenate(
     [jnp.pad(dy, ((0, 0), (i, k - 1 - i), (0, 0), (0, 0))) for i in range(k)], axis=-1
@@ -112,13 +123,7 @@ def _conv_bwd(stride, padding, residuals, dy):
     dkernel = jnp.dot(patches.T, dy2, preferred_element_type=jnp.float32)
   else:
     # One GEMM per tap over the shifted input: no k*k-times larger patch tensor in memory.
-    ho, wo = dy.shape[1:3]
-    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    taps = [
-      xp[:, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride]
-      for i in range(kh)
-      for j in range(kw)
-    ]
+    taps = _window_taps(_pad_spatial(x, padding), kh, stride, dy.shape[1:3])
     dkernel = jnp.stack(
       [jnp.dot(t.reshape(-1, cin).T, dy2, preferred_element_type=jnp.float32) for t in taps]
     )
@@ -188,16 +193,6 @@ class Conv2D(nn.Module):
     return y
 
 
-def _window_taps(xp, kernel_size: int, stride: int, out_hw: tuple[int, int]):
-  """The `k*k` strided views of the padded input that one output position reads, row-major."""
-  ho, wo = out_hw
-  return [
-    xp[:, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride]
-    for i in range(kernel_size)
-    for j in range(kernel_size)
-  ]
-
-
 def _pool_geometry(shape, kernel_size: int, stride: int, padding: int):
   _, h, w, _ = shape
   ho = (h + 2 * padding - kernel_size) // stride + 1
@@ -208,9 +203,7 @@ def _pool_geometry(shape, kernel_size: int, stride: int, padding: int):
 def _pool_forward(x, kernel_size: int, stride: int, padding: int):
   """Max and the row-major index of the first maximal tap (PyTorch's choice) per output."""
   out_hw = _pool_geometry(x.shape, kernel_size, stride, padding)
-  pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
-  xp = jnp.pad(x, pad, constant_values=-jnp.inf)
-  taps = _window_taps(xp, kernel_size, stride, out_hw)
+  taps = _window_taps(_pad_spatial(x, padding, -jnp.inf), kernel_size, stride, out_hw)
   best, index = taps[0], jnp.zeros(taps[0].shape, jnp.int8)
   for t, tap in enumerate(taps[1:], start=1):
     larger = tap > best  # strict: the first of tied maxima keeps the gradient, as in PyTorch
@@ -263,7 +256,7 @@ def max_pool2d(x: jax.Array, kernel_size: int = 3, stride: int = 2, padding: int
   output's gradient to the first maximal tap in row-major order, exactly as PyTorch does
   (also with ties). XLA:CPU's own paths were slow here: `select_and_scatter` (the gradient of
   `reduce_window` max) ~5x this; differentiating the chain of `maximum`s fuses into one loop
-  that recomputes the chain for each of the `k*k` taps (33 ms against 2 ms for this at the
-  R50 stem at 256 x 256, batch 2).
+  that recomputes the chain for each of the `k*k` taps (R50 at 256 x 256, batch 2: 33 ms for
+  the fusion of the pool's, the stem ReLU's and the stem norm's gradients, 6.6 ms with this).
   """
   return _max_pool(x, kernel_size, stride, padding, tuple(x.shape[1:3]))
